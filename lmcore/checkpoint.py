@@ -1,0 +1,247 @@
+"""Checkpoints as folders of safetensors and JSON: nothing is ever unpickled.
+
+    RUN/checkpoints/step_00000200/
+        model.safetensors       weights
+        optimizer.safetensors   optimizer tensors   + optimizer.json (the rest)
+        rank_00000.safetensors  per-rank RNG and carried LSTM state
+        trainer_state.json      step, data position, counters
+        tokenizer.json, config.yaml
+        manifest.json           sha256 of every file above, architecture, vocabulary
+
+A checkpoint is written into a temporary folder and renamed into place once complete
+(manifest last), so a crash leaves either the old set or the new one. Loading verifies
+every checksum and falls back to the previous checkpoint if one is damaged.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from lmcore.errors import CheckpointError
+from lmcore.fileio import atomic_write_json, fsync_dir, sha256_file
+
+MANIFEST = "manifest.json"
+FORMAT = "lmcore-checkpoint"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        import os
+
+        os.fsync(f.fileno())
+
+
+# -- optimizer state without pickle ------------------------------------------------------
+def optimizer_to_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, entry in state["state"].items():
+        for k, v in entry.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}/{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    meta = {"param_groups": state["param_groups"], "scalars": scalars}
+    return tensors, meta
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        pid, k = key.split("/", 1)
+        state.setdefault(int(pid), {})[k] = t
+    for pid, entry in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(entry)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# -- writing ------------------------------------------------------------------------------
+class CheckpointWriter:
+    """Writes one checkpoint from every rank. Call the steps in order, with barriers between
+    (the trainer does): begin (rank 0), write_rank (all), finish (rank 0)."""
+
+    def __init__(self, run_dir: str | Path, step: int):
+        self.root = checkpoints_dir(run_dir)
+        self.final = self.root / step_dir_name(step)
+        self.tmp = self.root / f".tmp-{step_dir_name(step)}"
+
+    def begin(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)  # debris of a killed earlier attempt
+        self.tmp.mkdir()
+
+    def write_rank(self, rank: int, tensors: dict[str, torch.Tensor]) -> None:
+        path = self.tmp / f"rank_{rank:05d}.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+        _fsync(path)
+
+    def write_main(self, model: torch.nn.Module, optimizer_state: dict[str, Any],
+                   trainer_state: dict[str, Any], tokenizer_json: str, config_yaml: str) -> None:
+        save_model(model, str(self.tmp / "model.safetensors"))
+        tensors, meta = optimizer_to_files(optimizer_state)
+        save_file(tensors, str(self.tmp / "optimizer.safetensors"))
+        (self.tmp / "optimizer.json").write_text(json.dumps(meta))
+        (self.tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        (self.tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        (self.tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+
+    def finish(self, architecture: dict[str, Any], tokenizer_fingerprint: str, step: int,
+               keep: int) -> Path:
+        files = {}
+        for f in sorted(self.tmp.iterdir()):
+            _fsync(f)
+            files[f.name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+        atomic_write_json(self.tmp / MANIFEST, {
+            "format": FORMAT, "version": 1, "step": step, "architecture": architecture,
+            "tokenizer_fingerprint": tokenizer_fingerprint, "files": files,
+        })
+        fsync_dir(self.tmp)
+        if self.final.exists():  # the same step saved again (e.g. after a requeue)
+            shutil.rmtree(self.final)
+        self.tmp.rename(self.final)
+        fsync_dir(self.root)
+        prune(self.root, keep)
+        return self.final
+
+
+def prune(root: Path, keep: int) -> None:
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- reading ------------------------------------------------------------------------------
+def list_checkpoints(root: Path) -> list[Path]:
+    """Completed checkpoint folders (with a manifest), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
+             and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def read_manifest(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt} is not a complete lmcore checkpoint (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != FORMAT:
+            raise ValueError("not an lmcore checkpoint")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged ({e})") from None
+    return manifest
+
+
+def verify(ckpt: Path) -> dict[str, Any]:
+    """The manifest, once every file's checksum matches; CheckpointError otherwise."""
+    manifest = read_manifest(ckpt)
+    for name, info in manifest["files"].items():
+        f = ckpt / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {ckpt} is missing {name}")
+        if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
+            raise CheckpointError(f"checkpoint {ckpt}: {name} fails its checksum (truncated or corrupted)")
+    return manifest
+
+
+def latest_valid(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint that verifies; damaged ones are skipped with a warning."""
+    for ckpt in reversed(list_checkpoints(checkpoints_dir(run_dir))):
+        try:
+            verify(ckpt)
+            return ckpt
+        except CheckpointError as e:
+            warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
+    return None
+
+
+def resolve(path_or_run: str | Path) -> Path:
+    """A checkpoint folder, or the latest valid checkpoint of a run folder."""
+    p = Path(path_or_run)
+    if (p / MANIFEST).is_file():
+        verify(p)
+        return p
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path {p} does not exist; pass a run folder or a checkpoint folder")
+    ckpt = latest_valid(p)
+    if ckpt is None:
+        raise CheckpointError(f"no valid checkpoint in {p}; train first, or pass a checkpoint folder")
+    return ckpt
+
+
+def check_compatible(manifest: dict[str, Any], architecture: dict[str, Any], fingerprint: str,
+                     where: Path) -> None:
+    if manifest["tokenizer_fingerprint"] != fingerprint:
+        raise CheckpointError(
+            f"checkpoint {where} was trained with another vocabulary (tokenizer "
+            f"{manifest['tokenizer_fingerprint']}, this run {fingerprint}); "
+            "use the tokenizer.json saved with the checkpoint, or a new run.dir"
+        )
+    theirs = manifest["architecture"]
+    diff = [f"{k}: checkpoint {theirs.get(k)!r} vs config {v!r}" for k, v in architecture.items()
+            if theirs.get(k) != v]
+    if diff:
+        raise CheckpointError(
+            f"checkpoint {where} has another architecture ({'; '.join(diff)}); "
+            "set the model config to match it, or use a new run.dir"
+        )
+
+
+def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    try:
+        missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"cannot load weights from {ckpt}: {str(e).splitlines()[0]}") from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights in {ckpt} do not fit the model (missing {missing}, unexpected {unexpected})"
+        )
+
+
+def load_optimizer_state(ckpt: Path) -> dict[str, Any]:
+    meta = json.loads((ckpt / "optimizer.json").read_text())
+    return optimizer_from_files(load_file(str(ckpt / "optimizer.safetensors")), meta)
+
+
+def load_rank_state(ckpt: Path, rank: int) -> dict[str, torch.Tensor] | None:
+    path = ckpt / f"rank_{rank:05d}.safetensors"
+    return load_file(str(path)) if path.is_file() else None
+
+
+def load_trainer_state(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def load_for_inference(path_or_run: str | Path, device: torch.device | str = "cpu"):
+    """(model, tokenizer, checkpoint folder) built from the checkpoint's own architecture."""
+    from lmcore.config import ModelConfig
+    from lmcore.model import LSTMLM
+    from lmcore.tokenizer import WordTokenizer
+
+    ckpt = resolve(path_or_run)
+    manifest = read_manifest(ckpt)
+    tok = WordTokenizer.load(ckpt / "tokenizer.json")
+    arch = dict(manifest["architecture"])
+    vocab_size = arch.pop("vocab_size")
+    if vocab_size != len(tok) or manifest["tokenizer_fingerprint"] != tok.fingerprint:
+        raise CheckpointError(f"checkpoint {ckpt}: tokenizer.json does not match the weights")
+    model = LSTMLM(vocab_size, ModelConfig(**arch), tok.pad_id)
+    load_weights(model, ckpt)
+    model.to(device).eval()
+    return model, tok, ckpt

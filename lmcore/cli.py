@@ -1,0 +1,119 @@
+"""`lmcore` command line: thin wrappers over the library, one subcommand per job.
+
+Every user-fixable problem ends as one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from lmcore.errors import LmcoreError
+
+EPILOG = """\
+overrides are dotted keys after the options, e.g.
+  lmcore train --config configs/imdb_seed.yaml optim.lr=3e-4 train.max_steps=200 run.dir=runs/a
+Several processes (DDP) run the same command under a launcher:
+  torchrun --standalone --nproc_per_node 2 jobs/train.py --config configs/tiny.yaml
+"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config (see configs/); defaults apply when omitted")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted config overrides, e.g. optim.lr=3e-4 run.dir=runs/x")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmcore", description="Train, evaluate and generate with a word-level LSTM language model.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train (or resume) a model; checkpoints go to run.dir",
+                       description="Train a model, resuming from run.dir's latest checkpoint if any "
+                                   "(train.resume=never to refuse).", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+
+    p = sub.add_parser("eval", help="masked perplexity of a checkpoint on a split",
+                       description="Evaluate a checkpoint (eval.checkpoint, or run.dir's latest) on "
+                                   "eval.split; writes eval_SPLIT.json beside the checkpoint.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(p)
+    p.add_argument("--checkpoint", help="checkpoint or run folder (overrides eval.checkpoint)")
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint",
+                       description="Generate completions for a prompts file (generate.prompts) or "
+                                   "generate.num_samples unconditional samples.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(p)
+    p.add_argument("--checkpoint", help="checkpoint or run folder (overrides generate.checkpoint)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+
+    p = sub.add_parser("config", help="print the resolved config as YAML",
+                       description="Print the config that a job would run with.", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(p)
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from lmcore.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "config":
+        print(cfg.to_yaml(), end="")
+        return 0
+    if args.command == "train":
+        from lmcore.trainer import train
+
+        result = train(cfg, progress=not args.no_progress)
+        if result.checkpoint is not None and _is_main():
+            print(json.dumps({"step": result.step, "checkpoint": str(result.checkpoint),
+                              "val_ppl": result.val_ppl, "stopped_early": result.stopped_early}))
+        return 0
+    if args.command == "eval":
+        from lmcore.evaluate import run_eval
+
+        if args.checkpoint:
+            cfg.eval.checkpoint = args.checkpoint
+        result = run_eval(cfg)
+        if result is not None:
+            print(json.dumps(result))
+        return 0
+    if args.command == "generate":
+        from lmcore.generate import run_generate
+
+        if args.checkpoint:
+            cfg.generate.checkpoint = args.checkpoint
+        for line in run_generate(cfg, args.prompt):
+            print(line)
+        return 0
+    raise AssertionError(args.command)
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except LmcoreError as e:
+        print(f"lmcore: error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("lmcore: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

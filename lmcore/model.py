@@ -1,0 +1,89 @@
+"""The notebook's language model: Embedding -> LSTM -> Linear(vocab), with explicit state.
+
+`forward` takes and returns the recurrent state, so packed training can carry it across
+windows and generation can read a prompt once and then feed one token per step.
+With targets, it returns the summed loss over real targets only, and projects only the
+positions that are scored: padding never reaches the vocabulary projection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmcore.config import ModelConfig
+
+State = tuple[torch.Tensor, torch.Tensor]
+IGNORE = -100
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor | None  # (B, T, V) when no targets were given
+    loss_sum: torch.Tensor | None  # summed NLL over scored targets (float32)
+    num_targets: int
+    state: State
+
+
+class LSTMLM(nn.Module):
+    def __init__(self, vocab_size: int, cfg: ModelConfig, pad_id: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.cfg = cfg
+        self.embedding = nn.Embedding(vocab_size, cfg.embedding_dim, padding_idx=pad_id)
+        self.lstm = nn.LSTM(
+            cfg.embedding_dim,
+            cfg.hidden_dim,
+            num_layers=cfg.num_layers,
+            batch_first=True,
+            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+        out_dim = cfg.hidden_dim
+        self.proj: nn.Linear | None = None
+        if cfg.tie_weights and cfg.hidden_dim != cfg.embedding_dim:
+            # Tying needs the head's input size to equal the embedding size.
+            self.proj = nn.Linear(cfg.hidden_dim, cfg.embedding_dim, bias=False)
+            out_dim = cfg.embedding_dim
+        self.head = nn.Linear(out_dim, vocab_size)
+        if cfg.tie_weights:
+            self.head.weight = self.embedding.weight
+
+    def architecture(self) -> dict:
+        """What a checkpoint must match to be loaded into this model."""
+        return {"vocab_size": self.vocab_size, **asdict(self.cfg)}
+
+    def initial_state(self, batch_size: int, device: torch.device | None = None) -> State:
+        shape = (self.cfg.num_layers, batch_size, self.cfg.hidden_dim)
+        z = torch.zeros(shape, device=device)
+        return z, z.clone()
+
+    def features(self, input_ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        x = self.dropout(self.embedding(input_ids))
+        h, state = self.lstm(x, state)
+        h = self.dropout(h)
+        if self.proj is not None:
+            h = self.proj(h)
+        return h, state
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        state: State | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> LMOutput:
+        h, state = self.features(input_ids, state)
+        if targets is None:
+            return LMOutput(self.head(h), None, 0, state)
+        keep = targets != IGNORE
+        scored = h[keep]  # (N, D): only real targets are projected
+        logits = self.head(scored)
+        loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return LMOutput(None, loss_sum, int(keep.sum()), state)
+
+
+def detach_state(state: State) -> State:
+    return state[0].detach(), state[1].detach()

@@ -1,0 +1,228 @@
+"""The training loop, flat: data position -> forward -> backward -> step -> log/eval/save.
+
+Loss is the summed NLL over real targets divided by the number of real targets in the
+whole optimizer step (all micro-batches, all ranks), so every token weighs the same
+whatever the padding, accumulation or world size. The data position (epoch, index), the
+carried LSTM state, RNG states, optimizer and weights are all in the checkpoint, so a run
+that is stopped and resumed ends with the same weights as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmcore import checkpoint as ckpt_io
+from lmcore.batching import PackedBatches, PaddedBatches
+from lmcore.config import Config, save_config
+from lmcore.data import fit_tokenizer, load_split, strided
+from lmcore.errors import LmcoreError
+from lmcore.evaluate import evaluate
+from lmcore.metrics import MetricsLog
+from lmcore.model import LSTMLM, detach_state
+from lmcore.progress import Progress
+from lmcore.runtime import all_sum, any_rank, make_accelerator
+from lmcore.tokenizer import WordTokenizer
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    checkpoint: Path | None
+    stopped_early: bool  # a stop was requested (signal): resume to finish
+    val_ppl: float | None
+    model: LSTMLM | None = None  # the trained (unwrapped) model, for callers in-process
+    rank: int = 0
+    world_size: int = 1
+
+
+def lr_at(step: int, cfg: Config, total_steps: int) -> float:
+    o = cfg.optim
+    if o.warmup_steps and step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return o.lr
+    horizon = o.decay_steps or total_steps
+    progress = min(1.0, (step - o.warmup_steps) / max(1, horizon - o.warmup_steps))
+    floor = o.lr * o.min_lr_ratio
+    return floor + (o.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_batches(cfg: Config, split, tok: WordTokenizer, rank: int, world: int):
+    special = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
+    try:
+        if cfg.data.batching == "packed":
+            return PackedBatches(split, cfg.train.batch_size, cfg.data.seq_len, cfg.data.truncate,
+                                 special, cfg.run.seed, rank, world)
+        return PaddedBatches(split, cfg.train.batch_size, cfg.data.truncate, special, cfg.run.seed,
+                             rank, world)
+    except ValueError as e:
+        raise LmcoreError(f"training data too small: {e}; use more data or a smaller batch") from None
+
+
+def train(cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
+          progress: bool = True) -> TrainResult:
+    acc = make_accelerator(cfg)
+    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
+    run_dir = Path(cfg.run.dir)
+    resume_from = ckpt_io.latest_valid(run_dir) if cfg.train.resume == "auto" else None
+
+    # Vocabulary and token ids: rank 0 builds the caches, the others then read them.
+    with acc.main_process_first():
+        if resume_from is not None:
+            tok = WordTokenizer.load(resume_from / "tokenizer.json")
+        else:
+            tok = fit_tokenizer(cfg.data)
+        train_split = load_split(cfg.data, cfg.data.train_split, tok)
+        val_split = None
+        if cfg.data.val_split:
+            full_val = load_split(cfg.data, cfg.data.val_split, tok)
+            val_split = strided(full_val, cfg.data.val_stride, cfg.data.val_limit)
+    batches = make_batches(cfg, train_split, tok, rank, world)
+    packed = cfg.data.batching == "packed"
+    steps_per_epoch = math.ceil(batches.steps_per_epoch / cfg.train.grad_accum)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+
+    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
+    model = LSTMLM(len(tok), cfg.model, tok.pad_id)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                 eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    step, epoch, index, tokens_seen, train_seconds = 0, 0, 0, 0, 0.0
+    state = None
+    torch.manual_seed(cfg.run.seed * 1000 + rank)  # dropout stream per rank
+    if resume_from is not None:
+        manifest = ckpt_io.verify(resume_from)
+        ckpt_io.check_compatible(manifest, model.architecture(), tok.fingerprint, resume_from)
+        ckpt_io.load_weights(model, resume_from)
+        optimizer.load_state_dict(ckpt_io.load_optimizer_state(resume_from))
+        ts = ckpt_io.load_trainer_state(resume_from)
+        step, epoch, index = ts["step"], ts["epoch"], ts["index"]
+        tokens_seen, train_seconds = ts["tokens_seen"], ts["train_seconds"]
+        rank_state = ckpt_io.load_rank_state(resume_from, rank) if ts["world_size"] == world else None
+        if rank_state is not None:
+            torch.set_rng_state(rank_state["torch_rng"])
+            if packed and "h" in rank_state:
+                state = (rank_state["h"], rank_state["c"])
+    model, optimizer = acc.prepare(model, optimizer)
+    raw_model: LSTMLM = acc.unwrap_model(model)
+    if state is not None:
+        state = (state[0].to(acc.device), state[1].to(acc.device))
+
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main, resume_step=step)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        tok.save(run_dir / "tokenizer.json")
+    bar = Progress(total_steps, initial=step, enabled=main and progress)
+    if resume_from is not None:
+        bar.write(f"resumed from {resume_from} at step {step}")
+    bar.write(f"vocab {len(tok)}, {len(train_split)} reviews, {batches.steps_per_epoch} batches/epoch, "
+              f"{total_steps} steps, world size {world}, device {acc.device}, "
+              f"precision {cfg.train.mixed_precision}")
+
+    def save_checkpoint() -> Path | None:
+        writer = ckpt_io.CheckpointWriter(run_dir, step)
+        if main:
+            writer.begin()
+        acc.wait_for_everyone()
+        rank_tensors = {"torch_rng": torch.get_rng_state()}
+        if packed and state is not None:
+            rank_tensors.update(h=state[0], c=state[1])
+        writer.write_rank(rank, rank_tensors)
+        if main:
+            trainer_state = {"step": step, "epoch": epoch, "index": index, "tokens_seen": tokens_seen,
+                             "train_seconds": train_seconds, "world_size": world}
+            writer.write_main(raw_model, optimizer.state_dict(), trainer_state, tok.to_json(), cfg.to_yaml())
+        acc.wait_for_everyone()
+        path = None
+        if main:
+            path = writer.finish(raw_model.architecture(), tok.fingerprint, step, cfg.train.keep_checkpoints)
+            metrics.log(step, {"event": "checkpoint", "path": str(path)})
+            bar.write(f"checkpoint {path}")
+        acc.wait_for_everyone()
+        return path
+
+    def validate() -> float | None:
+        if val_split is None:
+            return None
+        res = evaluate(raw_model, val_split, tok, cfg.eval.batch_size, cfg.data.truncate, acc,
+                       autocast=acc.autocast)
+        metrics.log(step, {"val/ppl": res.masked_ppl, "val/loss": res.masked_loss,
+                           "val/targets": res.num_targets})
+        bar.write(f"step {step}: validation masked perplexity {res.masked_ppl:.2f} "
+                  f"({res.num_targets} targets)")
+        return res.masked_ppl
+
+    model.train()
+    last_saved, val_ppl, stopped = -1, None, False
+    window_loss, window_targets, window_t0 = 0.0, 0, time.perf_counter()
+    while step < total_steps:
+        t_step = time.perf_counter()
+        # The micro-batches of one optimizer step, and their real-target count on all ranks.
+        micro = []
+        for _ in range(cfg.train.grad_accum):
+            if index >= batches.steps_per_epoch:
+                epoch, index = epoch + 1, 0
+            micro.append(batches.get(epoch, index))
+            index += 1
+        local_targets = sum(b.num_targets for b in micro)
+        global_targets = all_sum(acc, [local_targets])[0]
+        loss_sum = 0.0
+        for i, batch in enumerate(micro):
+            if not batch.carries_state:
+                state = None
+            sync = acc.no_sync(model) if i < len(micro) - 1 else nullcontext()
+            with sync, acc.autocast():
+                out = model(batch.inputs.to(acc.device), state, batch.targets.to(acc.device))
+                loss = out.loss_sum * (world / global_targets)
+            acc.backward(loss)
+            loss_sum += out.loss_sum.item()
+            state = detach_state(out.state) if packed else None
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+        lr = lr_at(step, cfg, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += int(global_targets)
+        train_seconds += time.perf_counter() - t_step
+        window_loss += loss_sum
+        window_targets += local_targets
+
+        log_now = step % cfg.train.log_interval == 0 or step == total_steps
+        if log_now:
+            total_loss, total_targets = all_sum(acc, [window_loss, window_targets])
+            elapsed = time.perf_counter() - window_t0
+            mean = total_loss / max(total_targets, 1)
+            row = {"train/loss": mean, "train/ppl": math.exp(min(mean, 50.0)), "lr": lr,
+                   "grad_norm": float(grad_norm), "tokens_per_s": total_targets / elapsed,
+                   "epoch": epoch, "tokens_seen": tokens_seen, "train_seconds": train_seconds}
+            metrics.log(step, row)
+            shown = {"loss": mean, "ppl": row["train/ppl"], "tok/s": row["tokens_per_s"]}
+            window_loss, window_targets, window_t0 = 0.0, 0, time.perf_counter()
+        bar.update(1, shown if log_now else {}, log_line=log_now)
+        if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < total_steps:
+            val_ppl = validate()
+        if step % cfg.train.checkpoint_interval == 0 and step < total_steps:
+            save_checkpoint()
+            last_saved = step
+        if any_rank(acc, stop_requested()):
+            stopped = step < total_steps
+            break
+    bar.close()
+    path = save_checkpoint() if last_saved != step else None
+    if not stopped:
+        val_ppl = validate()
+    if main:
+        path = path or ckpt_io.checkpoints_dir(run_dir) / ckpt_io.step_dir_name(step)
+    acc.wait_for_everyone()
+    acc.end_training()
+    return TrainResult(run_dir, step, path, stopped, val_ppl, raw_model, rank, world)

@@ -1,0 +1,97 @@
+"""The model's state and loss, and how reviews become batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lmcore.batching import IGNORE, PackedBatches, PaddedBatches, review_rows, rows_to_batch
+from lmcore.config import ModelConfig
+from lmcore.data import TokenizedSplit
+from lmcore.model import LSTMLM
+
+BOS, EOS, PAD = 2, 3, 1
+SPECIAL = {"bos": BOS, "eos": EOS, "pad": PAD}
+
+
+def corpus(lengths: list[int]) -> TokenizedSplit:
+    docs = [np.arange(10, 10 + n, dtype=np.int32) + i for i, n in enumerate(lengths)]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return TokenizedSplit(np.concatenate(docs), offsets)
+
+
+def test_padded_rows_put_eos_right_after_the_last_word_and_never_score_padding():
+    rows = review_rows([np.array([7, 8, 9]), np.array([5, 6, 7, 8, 9, 10])], BOS, EOS, PAD, truncate=4)
+    assert rows.tolist() == [[BOS, 7, 8, 9, EOS, PAD], [BOS, 5, 6, 7, 8, EOS]]
+    batch = rows_to_batch(rows, PAD)
+    assert batch.targets.tolist() == [[7, 8, 9, EOS, IGNORE], [5, 6, 7, 8, EOS]]
+    assert batch.num_targets == 9  # 3 + 4 words and one <eos> each
+
+
+def test_packed_and_padded_score_the_same_tokens_over_an_epoch():
+    split = corpus([5, 9, 3, 12, 7, 4, 8, 6])
+    padded = PaddedBatches(split, batch_size=2, truncate=0, special=SPECIAL, seed=0)
+    n_padded = sum(padded.get(0, i).num_targets for i in range(padded.steps_per_epoch))
+    assert n_padded == sum([5, 9, 3, 12, 7, 4, 8, 6]) + 8  # words + one <eos> per review
+    packed = PackedBatches(split, batch_size=2, seq_len=4, truncate=0, special=SPECIAL, seed=0)
+    batches = [packed.get(0, i) for i in range(packed.steps_per_epoch)]
+    assert all((b.inputs != PAD).all() for b in batches)  # no padding at all
+    assert all((b.targets != BOS).all() for b in batches)  # the next review's <bos> is not scored
+    assert [b.carries_state for b in batches] == [False] + [True] * (len(batches) - 1)
+    # Consecutive windows continue the same rows: window k+1 starts where window k's targets end.
+    for a, b in zip(batches, batches[1:], strict=False):
+        assert a.targets[:, -1][a.targets[:, -1] != IGNORE].tolist() == \
+            b.inputs[:, 0][a.targets[:, -1] != IGNORE].tolist()
+
+
+def test_ranks_share_each_global_batch_without_overlap():
+    split = corpus([3] * 20)
+    seen = []
+    for rank in (0, 1):
+        b = PaddedBatches(split, batch_size=4, truncate=0, special=SPECIAL, seed=1, rank=rank, world=2)
+        assert b.steps_per_epoch == 3  # 20 reviews / 8 per global batch: 2 full + a tail of 4
+        for i in range(b.steps_per_epoch):
+            seen.extend(b.get(0, i).inputs[:, 1].tolist())  # first word identifies the review
+    assert sorted(seen) == sorted(10 + i for i in range(20))
+
+
+def test_epochs_reshuffle_and_a_given_epoch_is_reproducible():
+    split = corpus([3] * 16)
+    a = PaddedBatches(split, batch_size=4, truncate=0, special=SPECIAL, seed=0)
+    b = PaddedBatches(split, batch_size=4, truncate=0, special=SPECIAL, seed=0)
+    assert torch.equal(a.get(1, 2).inputs, b.get(1, 2).inputs)
+    assert not torch.equal(a.get(0, 0).inputs, a.get(1, 0).inputs)
+
+
+def small_model(**kw) -> LSTMLM:
+    torch.manual_seed(0)
+    return LSTMLM(50, ModelConfig(embedding_dim=8, hidden_dim=12, **kw), pad_id=PAD)
+
+
+def test_state_carried_through_forward_equals_one_long_pass():
+    model = small_model(num_layers=2)
+    ids = torch.randint(4, 50, (3, 10))
+    whole = model(ids).logits
+    first = model(ids[:, :6])
+    second = model(ids[:, 6:], first.state)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), whole)
+
+
+def test_loss_counts_real_targets_only():
+    model = small_model()
+    ids = torch.randint(4, 50, (1, 6))
+    targets = torch.randint(4, 50, (1, 6))
+    short = model(ids, targets=targets)
+    padded_ids = torch.cat([ids, torch.full((1, 4), PAD)], 1)
+    padded_targets = torch.cat([targets, torch.full((1, 4), IGNORE)], 1)
+    long = model(padded_ids, targets=padded_targets)
+    assert short.num_targets == long.num_targets == 6
+    torch.testing.assert_close(short.loss_sum, long.loss_sum)
+    full = torch.nn.functional.cross_entropy(model(ids).logits[0], targets[0], reduction="sum")
+    torch.testing.assert_close(short.loss_sum, full)
+
+
+def test_tied_weights_share_one_tensor_even_when_sizes_differ():
+    model = small_model(tie_weights=True)
+    assert model.head.weight is model.embedding.weight
+    assert model.proj is not None and model.proj.out_features == 8

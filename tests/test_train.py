@@ -1,0 +1,107 @@
+"""Training as a user runs it: the CLI, its run folder, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lmcore.config import load_config
+from lmcore.metrics import read_metrics
+from lmcore.trainer import train
+from tests.conftest import run_cli, tiny_overrides
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def test_train_eval_generate_from_the_command_line(tmp_path: Path):
+    run = tmp_path / "run"
+    proc = run_cli("train", "--config", "configs/tiny.yaml", f"run.dir={run}", "train.epochs=1")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["step"] == 63 and not summary["stopped_early"]
+    assert summary["val_ppl"] < 60  # 691-word vocabulary: a model that learned something
+
+    # The run folder holds what a user needs to reproduce and inspect the run.
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["run"]["dir"] == str(run) and saved["model"]["hidden_dim"] == 64
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step_00000050", "step_00000063"]
+    final = run / "checkpoints" / "step_00000063"
+    for name in ("model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer_state.json",
+                 "tokenizer.json", "config.yaml", "manifest.json", "rank_00000.safetensors"):
+        assert (final / name).is_file(), name
+    rows = read_metrics(run / "metrics.jsonl")
+    steps = [r["step"] for r in rows if "train/loss" in r]
+    assert steps == [10, 20, 30, 40, 50, 60, 63]
+    assert rows[-1]["step"] == 63 and "val/ppl" in rows[-1]
+
+    # Not a terminal: plain progress lines (SLURM log files), not a progress bar.
+    assert "step 10/63 loss=" in proc.stderr and "\r" not in proc.stderr
+
+    proc = run_cli("eval", "--config", "configs/tiny.yaml", f"run.dir={run}")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["masked_ppl"] == pytest.approx(summary["val_ppl"], rel=1e-6)  # same reviews
+    assert result["num_targets"] == 11116
+    assert json.loads((final / "eval_test.json").read_text())["masked_ppl"] == result["masked_ppl"]
+
+    proc = run_cli("generate", "--config", "configs/tiny.yaml", f"run.dir={run}", "--prompt", "the movie was")
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip().splitlines()[0]
+    assert line.startswith("the movie was >>> ") and len(line.split(">>>")[1].split()) > 3
+
+
+def test_old_checkpoints_are_pruned_to_keep_checkpoints(tmp_path: Path):
+    cfg = load_config(None, tiny_overrides(tmp_path / "r", **{"train.max_steps": 40,
+                                                              "train.keep_checkpoints": 2}))
+    train(cfg, progress=False)
+    kept = sorted(p.name for p in (tmp_path / "r/checkpoints").iterdir())
+    assert kept == ["step_00000030", "step_00000040"]
+
+
+@pytest.mark.parametrize("batching", ["padded", "packed"])
+def test_stop_and_resume_gives_the_same_weights_as_one_straight_run(tmp_path: Path, batching: str):
+    # Dropout and 2 layers on purpose: RNG state and carried LSTM state must survive the stop.
+    extra = {"data.batching": batching, "data.seq_len": 32, "model.dropout": 0.1, "model.num_layers": 2,
+             "train.checkpoint_interval": 7}
+    straight = train(load_config(None, tiny_overrides(tmp_path / "a", **extra, **{"train.max_steps": 30})),
+                     progress=False)
+    first = train(load_config(None, tiny_overrides(tmp_path / "b", **extra, **{"train.max_steps": 15})),
+                  progress=False)
+    assert first.step == 15
+    resumed = train(load_config(None, tiny_overrides(tmp_path / "b", **extra, **{"train.max_steps": 30})),
+                    progress=False)
+    assert resumed.step == 30
+    a, b = weights(straight.checkpoint), weights(resumed.checkpoint)
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # The metrics log continues without repeating or going back in steps.
+    steps = [r["step"] for r in read_metrics(tmp_path / "b/metrics.jsonl") if "train/loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 30
+
+
+def test_a_damaged_latest_checkpoint_is_skipped_on_resume(tmp_path: Path):
+    run = tmp_path / "r"
+    train(load_config(None, tiny_overrides(run, **{"train.max_steps": 20})), progress=False)
+    latest = run / "checkpoints/step_00000020/model.safetensors"
+    data = bytearray(latest.read_bytes())
+    data[-10] ^= 0xFF
+    latest.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="step_00000020.*checksum"):
+        resumed = train(load_config(None, tiny_overrides(run, **{"train.max_steps": 25})), progress=False)
+    assert resumed.step == 25  # continued from step 10, the last good one
+
+
+def test_mixed_precision_bf16_trains(tmp_path: Path):
+    cfg = load_config(None, tiny_overrides(tmp_path / "r", **{"train.max_steps": 20,
+                                                              "train.mixed_precision": "bf16"}))
+    result = train(cfg, progress=False)
+    assert result.step == 20 and result.val_ppl < 400
