@@ -160,14 +160,18 @@ def verify(ckpt: Path) -> dict[str, Any]:
     return manifest
 
 
-def latest_valid(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint that verifies; damaged ones are skipped with a warning."""
+def latest_valid(run_dir: str | Path, problems: list[str] | None = None) -> Path | None:
+    """The newest checkpoint that verifies. Damaged ones are skipped with a warning, or, when
+    a `problems` list is given, their problems are appended to it for the caller to report."""
     for ckpt in reversed(list_checkpoints(checkpoints_dir(run_dir))):
         try:
             verify(ckpt)
             return ckpt
         except CheckpointError as e:
-            warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
+            if problems is None:
+                warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
+            else:
+                problems.append(str(e))
     return None
 
 
@@ -179,9 +183,13 @@ def resolve(path_or_run: str | Path) -> Path:
         return p
     if not p.exists():
         raise CheckpointError(f"checkpoint path {p} does not exist; pass a run folder or a checkpoint folder")
-    ckpt = latest_valid(p)
+    problems: list[str] = []
+    ckpt = latest_valid(p, problems)
     if ckpt is None:
-        raise CheckpointError(f"no valid checkpoint in {p}; train first, or pass a checkpoint folder")
+        why = f" ({'; '.join(problems)})" if problems else ""
+        raise CheckpointError(f"no valid checkpoint in {p}{why}; train first, or pass a checkpoint folder")
+    for problem in problems:
+        warnings.warn(f"skipping damaged checkpoint: {problem}", stacklevel=2)
     return ckpt
 
 

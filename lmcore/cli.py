@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from lmcore.errors import LmcoreError
@@ -27,8 +28,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="dotted config overrides, e.g. optim.lr=3e-4 run.dir=runs/x")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (with where to look) and exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"lmcore: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lmcore", description="Train, evaluate and generate with a word-level LSTM language model.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
     )
@@ -64,7 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come before and after options: argparse leaves the later ones over.
+    for item in extra:
+        if item.startswith("-") or "=" not in item:
+            parser.error(f"unrecognized argument {item!r}")
+    args.overrides = [*getattr(args, "overrides", []), *extra]
     from lmcore.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -103,7 +118,12 @@ def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"lmcore: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    warnings.showwarning = _one_line_warning  # log files get one line per warning
     try:
         code = run(argv)
     except LmcoreError as e:

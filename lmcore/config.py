@@ -128,7 +128,7 @@ def _to_plain(obj: Any) -> Any:
 def _fail_unknown(key: str, path: str, valid: list[str]) -> typing.NoReturn:
     where = f"'{path}'" if path else "the top level"
     hint = difflib.get_close_matches(key, valid, n=1)
-    did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+    did_you_mean = f" (did you mean '{_join(path, hint[0])}'?)" if hint else ""
     raise ConfigError(
         f"unknown config key '{_join(path, key)}'{did_you_mean}; valid keys in {where}: "
         + ", ".join(valid)

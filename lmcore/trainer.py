@@ -22,7 +22,7 @@ from lmcore import checkpoint as ckpt_io
 from lmcore.batching import PackedBatches, PaddedBatches
 from lmcore.config import Config, save_config
 from lmcore.data import fit_tokenizer, load_split, strided
-from lmcore.errors import LmcoreError
+from lmcore.errors import CheckpointError, LmcoreError
 from lmcore.evaluate import evaluate
 from lmcore.metrics import MetricsLog
 from lmcore.model import LSTMLM, detach_state
@@ -76,10 +76,15 @@ def train(cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
 
     # Vocabulary and token ids: rank 0 builds the caches, the others then read them.
     with acc.main_process_first():
+        tok = fit_tokenizer(cfg.data)  # cached: cheap, and it tells if the data changed
         if resume_from is not None:
-            tok = WordTokenizer.load(resume_from / "tokenizer.json")
-        else:
-            tok = fit_tokenizer(cfg.data)
+            saved = WordTokenizer.load(resume_from / "tokenizer.json")
+            if saved.fingerprint != tok.fingerprint:
+                raise CheckpointError(
+                    f"checkpoint {resume_from} was trained with another vocabulary than data.source "
+                    f"{cfg.data.source} gives (tokenizer {saved.fingerprint} vs {tok.fingerprint}); "
+                    "point data.source at the run's data, or use a new run.dir"
+                )
         train_split = load_split(cfg.data, cfg.data.train_split, tok)
         val_split = None
         if cfg.data.val_split:
@@ -161,7 +166,8 @@ def train(cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
         return res.masked_ppl
 
     model.train()
-    last_saved, val_ppl, stopped = -1, None, False
+    # A finished run that is started again (a requeue after the end, say) has nothing to do.
+    last_saved, val_ppl, stopped = (step if resume_from is not None else -1), None, False
     window_loss, window_targets, window_t0 = 0.0, 0, time.perf_counter()
     while step < total_steps:
         t_step = time.perf_counter()

@@ -39,7 +39,7 @@ def test_the_resolved_config_round_trips_through_yaml(tmp_path: Path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("optim.lrr=1", "unknown config key 'optim.lrr' (did you mean 'lr'?)"),
+    ("optim.lrr=1", "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
     ("optimizer.lr=1", "valid keys in the top level: run, data, model"),
     ("optim.lr=abc", "optim.lr must be a number"),
     ("train.batch_size=1.5", "train.batch_size must be an integer"),
