@@ -71,6 +71,7 @@ class TrainConfig:
     max_steps: int = 0  # optimizer steps; 0 = run the epochs
     grad_accum: int = 1
     mixed_precision: Literal["no", "bf16"] = "no"
+    loss_chunk: int = 2048  # rows per chunk of the fused projection + loss (0 = plain PyTorch)
     log_interval: int = 20
     eval_interval: int = 0  # validate every N steps (0 = only at the end)
     checkpoint_interval: int = 500
@@ -277,6 +278,7 @@ def validate(cfg: Config) -> None:
     non_negative = {
         "train.epochs": cfg.train.epochs,
         "train.max_steps": cfg.train.max_steps,
+        "train.loss_chunk": cfg.train.loss_chunk,
         "train.eval_interval": cfg.train.eval_interval,
         "data.truncate": cfg.data.truncate,
         "data.val_limit": cfg.data.val_limit,

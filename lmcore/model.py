@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lmcore.config import ModelConfig
+from lmcore.loss import linear_cross_entropy
 
 State = tuple[torch.Tensor, torch.Tensor]
 IGNORE = -100
@@ -29,10 +29,11 @@ class LMOutput:
 
 
 class LSTMLM(nn.Module):
-    def __init__(self, vocab_size: int, cfg: ModelConfig, pad_id: int):
+    def __init__(self, vocab_size: int, cfg: ModelConfig, pad_id: int, loss_chunk: int = 2048):
         super().__init__()
         self.vocab_size = vocab_size
         self.cfg = cfg
+        self.loss_chunk = loss_chunk  # rows per chunk of the fused projection + loss; 0 = plain
         self.embedding = nn.Embedding(vocab_size, cfg.embedding_dim, padding_idx=pad_id)
         self.lstm = nn.LSTM(
             cfg.embedding_dim,
@@ -80,9 +81,9 @@ class LSTMLM(nn.Module):
             return LMOutput(self.head(h), None, 0, state)
         keep = targets != IGNORE
         scored = h[keep]  # (N, D): only real targets are projected
-        logits = self.head(scored)
-        loss_sum = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return LMOutput(None, loss_sum, int(keep.sum()), state)
+        loss_sum = linear_cross_entropy(scored, self.head.weight, self.head.bias, targets[keep],
+                                        self.loss_chunk)
+        return LMOutput(None, loss_sum, int(scored.shape[0]), state)
 
 
 def detach_state(state: State) -> State:

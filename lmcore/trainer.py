@@ -96,7 +96,7 @@ def train(cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
 
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
-    model = LSTMLM(len(tok), cfg.model, tok.pad_id)
+    model = LSTMLM(len(tok), cfg.model, tok.pad_id, cfg.train.loss_chunk)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     step, epoch, index, tokens_seen, train_seconds = 0, 0, 0, 0, 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from lmcore.batching import IGNORE, PackedBatches, PaddedBatches, review_rows, rows_to_batch
@@ -95,3 +96,25 @@ def test_tied_weights_share_one_tensor_even_when_sizes_differ():
     model = small_model(tie_weights=True)
     assert model.head.weight is model.embedding.weight
     assert model.proj is not None and model.proj.out_features == 8
+
+
+def test_the_chunked_loss_matches_plain_cross_entropy_in_value_and_gradients():
+    from lmcore.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    w = torch.randn(101, 16, requires_grad=True)
+    b = torch.randn(101, requires_grad=True)
+    t = torch.randint(0, 101, (37,))
+    results = []
+    for chunk in (0, 8, 1000):  # plain, several chunks with a short last one, one chunk
+        for p in (h, w, b):
+            p.grad = None
+        loss = linear_cross_entropy(h, w, b, t, chunk)
+        (loss * 0.5).backward()
+        results.append((loss.detach(), h.grad.clone(), w.grad.clone(), b.grad.clone()))
+    for other in results[1:]:
+        for x, y in zip(results[0], other, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # eval: no gradients are computed or kept
+        assert linear_cross_entropy(h, w, b, t, 8).item() == pytest.approx(results[0][0].item(), rel=1e-5)
