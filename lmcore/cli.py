@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+    p.add_argument("--stop-signals", default="TERM,USR2", metavar="SIGS",
+                   help="signals that save a checkpoint and exit with status 3 so the job can be "
+                        "requeued and resumed (default: TERM,USR2; '' for none)")
 
     p = sub.add_parser("eval", help="masked perplexity of a checkpoint on a split",
                        description="Evaluate a checkpoint (eval.checkpoint, or run.dir's latest) on "
@@ -57,13 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--checkpoint", help="checkpoint or run folder (overrides eval.checkpoint)")
 
-    p = sub.add_parser("generate", help="sample text from a checkpoint",
-                       description="Generate completions for a prompts file (generate.prompts) or "
-                                   "generate.num_samples unconditional samples.",
+    p = sub.add_parser("generate", help="sample text from a checkpoint (a few lines, or bulk to files)",
+                       description="Generate completions for --prompt texts, a prompts file "
+                                   "(generate.prompts) or generate.num_samples unconditional samples. "
+                                   "With generate.output_dir: the bulk job (sharded, resumable JSONL).",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(p)
     p.add_argument("--checkpoint", help="checkpoint or run folder (overrides generate.checkpoint)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--merge", action="store_true",
+                   help="merge the finished shards in generate.output_dir into one file + manifest")
+
+    p = sub.add_parser("report", help="plots and a summary of a run folder (no W&B needed)",
+                       description="Draw PNG plots from RUN_DIR/metrics.jsonl and write a summary.")
+    p.add_argument("run_dir", help="a run folder (holds metrics.jsonl)")
+    p.add_argument("--out", help="where to write (default: RUN_DIR/report)")
+
+    sub.add_parser("submit", help="submit train/eval/generate/pipeline to SLURM (see 'lmcore submit -h')",
+                   add_help=False)
 
     p = sub.add_parser("config", help="print the resolved config as YAML",
                        description="Print the config that a job would run with.", epilog=EPILOG,
@@ -73,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["submit"]:  # its own parser: profiles, job kinds, dry runs
+        from lmcore.slurm.cli import main as submit_main
+
+        return submit_main(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may come before and after options: argparse leaves the later ones over.
@@ -82,18 +101,25 @@ def run(argv: Sequence[str] | None = None) -> int:
     args.overrides = [*getattr(args, "overrides", []), *extra]
     from lmcore.config import load_config
 
+    if args.command == "report":
+        from lmcore.report import write_report
+
+        print(write_report(args.run_dir, args.out))
+        return 0
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":
         print(cfg.to_yaml(), end="")
         return 0
     if args.command == "train":
+        from lmcore.preemption import STOPPED_EXIT, StopFlag, parse_signals
         from lmcore.trainer import train
 
-        result = train(cfg, progress=not args.no_progress)
+        with StopFlag(parse_signals(args.stop_signals)) as stop:
+            result = train(cfg, stop_requested=stop, progress=not args.no_progress)
         if result.checkpoint is not None and _is_main():
             print(json.dumps({"step": result.step, "checkpoint": str(result.checkpoint),
                               "val_ppl": result.val_ppl, "stopped_early": result.stopped_early}))
-        return 0
+        return STOPPED_EXIT if result.stopped_early else 0
     if args.command == "eval":
         from lmcore.evaluate import run_eval
 
@@ -104,10 +130,14 @@ def run(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(result))
         return 0
     if args.command == "generate":
-        from lmcore.generate import run_generate
-
         if args.checkpoint:
             cfg.generate.checkpoint = args.checkpoint
+        if args.merge or cfg.generate.output_dir:
+            from lmcore.genjob import cli_generate
+
+            return cli_generate(cfg, merge=args.merge)
+        from lmcore.generate import run_generate
+
         for line in run_generate(cfg, args.prompt):
             print(line)
         return 0

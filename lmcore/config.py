@@ -94,11 +94,30 @@ class GenerateConfig:
     checkpoint: str = ""  # "" = the latest in run.dir
     prompts: str = ""  # JSONL ({"id", "prompt"}) or text file, one prompt per line
     num_samples: int = 4  # unconditional samples from <bos> when no prompts file is given
+    samples_per_prompt: int = 1
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     max_new_tokens: int = 50
     seed: int = 0
+    batch_size: int = 256  # prompts per batch (length-aware batching within a chunk)
+    output_dir: str = ""  # bulk mode: JSONL shards + merged file + manifest here
+    shard_index: int = -1  # this shard (-1: from SLURM_ARRAY_TASK_ID, else 0)
+    num_shards: int = 0  # 0: from the SLURM array size, else 1
+    chunk_size: int = 1024  # prompts per atomically written output chunk
+    bad_lines: Literal["error", "skip"] = "error"  # skip: bad prompt lines go to rejects.jsonl
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+@dataclass
+class TrackingConfig:
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: $WANDB_MODE, key
+    project: str = "lmcore"
+    entity: str = ""
+    group: str = ""  # array tasks and pipeline stages share one
+    tags: list[str] = field(default_factory=list)
+    name: str = ""  # "" = the run folder's name
+    dir: str = ""  # where wandb writes; "" = the run folder
 
 
 @dataclass
@@ -110,6 +129,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
@@ -150,6 +170,13 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                 f"config {name} must be one of {', '.join(map(str, choices))}; got {value!r}"
             )
         return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):  # tracking.tags=a,b on the command line
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config {name} must be a list; got {value!r}")
+        return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -270,6 +297,8 @@ def validate(cfg: Config) -> None:
         "data.val_stride": cfg.data.val_stride,
         "eval.batch_size": cfg.eval.batch_size,
         "eval.stride": cfg.eval.stride,
+        "generate.batch_size": cfg.generate.batch_size,
+        "generate.samples_per_prompt": cfg.generate.samples_per_prompt,
         "optim.lr": cfg.optim.lr,
     }
     for name, v in positive.items():
@@ -289,6 +318,8 @@ def validate(cfg: Config) -> None:
         "optim.weight_decay": cfg.optim.weight_decay,
         "generate.max_new_tokens": cfg.generate.max_new_tokens,
         "generate.num_samples": cfg.generate.num_samples,
+        "generate.chunk_size": cfg.generate.chunk_size,
+        "generate.num_shards": cfg.generate.num_shards,
     }
     for name, v in non_negative.items():
         if v < 0:

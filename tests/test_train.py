@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +17,7 @@ from safetensors.torch import load_file
 from lmcore.config import load_config
 from lmcore.metrics import read_metrics
 from lmcore.trainer import train
-from tests.conftest import run_cli, tiny_overrides
+from tests.conftest import REPO, run_cli, tiny_overrides
 
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -105,3 +109,26 @@ def test_mixed_precision_bf16_trains(tmp_path: Path):
                                                               "train.mixed_precision": "bf16"}))
     result = train(cfg, progress=False)
     assert result.step == 20 and result.val_ppl < 400
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
+def test_a_stop_signal_checkpoints_and_exits_with_the_requeue_status(tmp_path: Path, sig: signal.Signals):
+    run = tmp_path / "r"
+    args = [sys.executable, "-m", "lmcore.cli", "train", *tiny_overrides(run, **{"train.max_steps": 100000,
+                                                                                "train.log_interval": 1})]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+        time.sleep(0.2)
+    time.sleep(1.0)  # a few steps in
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err
+    summary = json.loads(out)
+    assert summary["stopped_early"] and summary["step"] > 0
+    ckpt = Path(summary["checkpoint"])
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == summary["step"]
+    assert f"received {sig.name}" in err
+    resumed = train(load_config(None, tiny_overrides(run, **{"train.max_steps": summary["step"] + 3})),
+                    progress=False)
+    assert resumed.step == summary["step"] + 3
