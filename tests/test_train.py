@@ -132,3 +132,42 @@ def test_a_stop_signal_checkpoints_and_exits_with_the_requeue_status(tmp_path: P
     resumed = train(load_config(None, tiny_overrides(run, **{"train.max_steps": summary["step"] + 3})),
                     progress=False)
     assert resumed.step == summary["step"] + 3
+
+
+def test_gradient_accumulation_equals_one_bigger_batch(tmp_path: Path):
+    # Loss is normalised by the real targets of the whole step, so 2 x 8 reviews == 1 x 16.
+    base = {"train.max_steps": 4, "data.val_split": ""}
+    one = train(load_config(None, tiny_overrides(tmp_path / "a", **base, **{"train.batch_size": 16})),
+                progress=False)
+    acc = train(load_config(None, tiny_overrides(tmp_path / "b", **base, **{"train.batch_size": 8,
+                                                                            "train.grad_accum": 2})),
+                progress=False)
+    a, b = weights(one.checkpoint), weights(acc.checkpoint)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-5)
+
+
+def test_learning_rate_schedules():
+    from lmcore.trainer import lr_at
+
+    const = load_config(None, ["optim.lr=0.01"])
+    assert [lr_at(s, const, 100) for s in (0, 50, 99)] == [0.01, 0.01, 0.01]  # the notebook's
+    cos = load_config(None, ["optim.lr=0.01", "optim.schedule=cosine", "optim.warmup_steps=10",
+                             "optim.min_lr_ratio=0.1"])
+    assert lr_at(0, cos, 110) == pytest.approx(0.001)  # warmup from lr/10 ...
+    assert lr_at(9, cos, 110) == pytest.approx(0.01)  # ... to lr
+    assert lr_at(60, cos, 110) == pytest.approx(0.0055)  # half way down the cosine
+    assert lr_at(110, cos, 110) == pytest.approx(0.001)  # the floor
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log_file(capsys):
+    from lmcore.progress import Progress
+
+    for plain in (False, True):
+        bar = Progress(total=4, force_plain=plain)
+        for _ in range(4):
+            bar.update(1, {"loss": 1.5}, log_line=True)
+        bar.close()
+    err = capsys.readouterr().err
+    assert "\r" in err and "4/4" in err  # tqdm redraws one line
+    assert err.count("train: step") == 4 and "step 4/4 loss=1.5" in err
