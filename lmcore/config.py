@@ -49,6 +49,11 @@ class ModelConfig:
     num_layers: int = 1
     dropout: float = 0.0
     tie_weights: bool = False  # share embedding and output weights (projects if sizes differ)
+    # "full": the notebook's softmax over the whole vocabulary. "adaptive": Grave et al.'s
+    # adaptive softmax over the frequency-ordered vocabulary (exact, normalised, far cheaper).
+    softmax: Literal["full", "adaptive"] = "full"
+    adaptive_cutoffs: list[int] = field(default_factory=lambda: [2000, 10000])
+    adaptive_div: float = 4.0
 
 
 @dataclass
@@ -326,6 +331,15 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config {name} must be >= 0; got {v}")
     if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
         raise ConfigError("config: set train.epochs or train.max_steps above 0")
+    if cfg.model.softmax == "adaptive":
+        if cfg.model.tie_weights:
+            raise ConfigError("config model.tie_weights needs model.softmax=full (the adaptive softmax "
+                              "has its own output weights)")
+        cuts = cfg.model.adaptive_cutoffs
+        if not cuts or any(c <= 0 for c in cuts) or cuts != sorted(set(cuts)):
+            raise ConfigError(f"config model.adaptive_cutoffs must be increasing positive ids; got {cuts}")
+        if cfg.model.adaptive_div <= 1.0:
+            raise ConfigError(f"config model.adaptive_div must be > 1; got {cfg.model.adaptive_div}")
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"config model.dropout must be in [0, 1); got {cfg.model.dropout}")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:

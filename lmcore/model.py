@@ -49,9 +49,15 @@ class LSTMLM(nn.Module):
             # Tying needs the head's input size to equal the embedding size.
             self.proj = nn.Linear(cfg.hidden_dim, cfg.embedding_dim, bias=False)
             out_dim = cfg.embedding_dim
-        self.head = nn.Linear(out_dim, vocab_size)
-        if cfg.tie_weights:
-            self.head.weight = self.embedding.weight
+        self.adaptive: nn.AdaptiveLogSoftmaxWithLoss | None = None
+        if cfg.softmax == "adaptive":
+            cutoffs = [c for c in cfg.adaptive_cutoffs if c < vocab_size]
+            self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(out_dim, vocab_size, cutoffs,
+                                                          div_value=cfg.adaptive_div)
+        else:
+            self.head = nn.Linear(out_dim, vocab_size)
+            if cfg.tie_weights:
+                self.head.weight = self.embedding.weight
 
     def architecture(self) -> dict:
         """What a checkpoint must match to be loaded into this model."""
@@ -78,12 +84,23 @@ class LSTMLM(nn.Module):
     ) -> LMOutput:
         h, state = self.features(input_ids, state)
         if targets is None:
-            return LMOutput(self.head(h), None, 0, state)
+            return LMOutput(self.logits(h), None, 0, state)
         keep = targets != IGNORE
         scored = h[keep]  # (N, D): only real targets are projected
-        loss_sum = linear_cross_entropy(scored, self.head.weight, self.head.bias, targets[keep],
-                                        self.loss_chunk)
+        if self.adaptive is not None:
+            loss_sum = -self.adaptive(scored.float(), targets[keep]).output.sum()
+        else:
+            loss_sum = linear_cross_entropy(scored, self.head.weight, self.head.bias, targets[keep],
+                                            self.loss_chunk)
         return LMOutput(None, loss_sum, int(scored.shape[0]), state)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Scores over the vocabulary for features h (..., D); for the adaptive softmax these
+        are its exact log-probabilities, which sample the same way."""
+        if self.adaptive is None:
+            return self.head(h)
+        shape = h.shape[:-1]
+        return self.adaptive.log_prob(h.reshape(-1, h.shape[-1]).float()).reshape(*shape, -1)
 
 
 def detach_state(state: State) -> State:

@@ -118,3 +118,14 @@ def test_the_chunked_loss_matches_plain_cross_entropy_in_value_and_gradients():
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # eval: no gradients are computed or kept
         assert linear_cross_entropy(h, w, b, t, 8).item() == pytest.approx(results[0][0].item(), rel=1e-5)
+
+
+def test_the_adaptive_softmax_is_a_normalised_distribution_and_scores_like_its_logits():
+    model = small_model(softmax="adaptive", adaptive_cutoffs=[10, 30], adaptive_div=2.0)
+    ids = torch.randint(4, 50, (2, 7))
+    targets = torch.randint(0, 50, (2, 7))
+    logp = model(ids).logits  # exact log-probabilities over all 50 words
+    torch.testing.assert_close(logp.exp().sum(-1), torch.ones(2, 7))
+    out = model(ids, targets=targets)
+    expected = -logp.gather(-1, targets.unsqueeze(-1)).sum()
+    torch.testing.assert_close(out.loss_sum, expected, rtol=1e-5, atol=1e-4)
