@@ -135,5 +135,12 @@ def run_eval(cfg) -> dict | None:
             "<eos> after the padding counted; not a perplexity of the text")
     if acc.is_main_process:
         atomic_write_json(ckpt / f"eval_{cfg.eval.split}.json", out)
+        from lmcore.tracking import open_tracker
+
+        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+        tracker = open_tracker(cfg, run_dir, job="eval", enabled=True)
+        tracker.summary({f"eval/{cfg.eval.split}/{k}": v for k, v in out.items()
+                         if k != "notebook_unmasked_ppl_note"})
+        tracker.finish()
     acc.wait_for_everyone()
     return out if acc.is_main_process else None

@@ -2,7 +2,8 @@
 
 One JSON object per line with the global optimizer step. On resume, rows from after the
 checkpoint's step (written by the run that died) are dropped, so the step column only
-ever increases.
+ever increases. With a tracker (lmcore.tracking), every row also goes to W&B; the file is
+written first, so a W&B problem can never cost a row here.
 """
 
 from __future__ import annotations
@@ -11,15 +12,20 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmcore.fileio import atomic_write_text
 
+if TYPE_CHECKING:
+    from lmcore.tracking import Tracker
+
 
 class MetricsLog:
-    def __init__(self, path: Path, enabled: bool = True, resume_step: int = 0):
+    def __init__(self, path: Path, enabled: bool = True, resume_step: int = 0,
+                 tracker: Tracker | None = None):
         self.path = path
         self.enabled = enabled
+        self.tracker = tracker
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,6 +42,8 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.tracker is not None:
+            self.tracker.log(step, values)
 
 
 def _step_of(line: str) -> int | None:
@@ -45,5 +53,19 @@ def _step_of(line: str) -> int | None:
         return None  # a torn last line from a killed run
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+def read_metrics(path: Path, tolerant: bool = False) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; tolerant=True skips lines that are not JSON objects (a
+    torn last line of a killed run)."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if tolerant:
+                continue
+            raise
+        if isinstance(row, dict) or not tolerant:
+            rows.append(row)
+    return rows

@@ -29,6 +29,7 @@ from lmcore.model import LSTMLM, detach_state
 from lmcore.progress import Progress
 from lmcore.runtime import all_sum, any_rank, make_accelerator
 from lmcore.tokenizer import WordTokenizer
+from lmcore.tracking import open_tracker
 
 
 @dataclass
@@ -120,7 +121,8 @@ def train(cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
     if state is not None:
         state = (state[0].to(acc.device), state[1].to(acc.device))
 
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main, resume_step=step)
+    tracker = open_tracker(cfg, run_dir, job="train", enabled=main)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main, resume_step=step, tracker=tracker)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -168,6 +170,7 @@ def train(cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
     model.train()
     # A finished run that is started again (a requeue after the end, say) has nothing to do.
     last_saved, val_ppl, stopped = (step if resume_from is not None else -1), None, False
+    already_done = step >= total_steps
     window_loss, window_targets, window_t0 = 0.0, 0, time.perf_counter()
     while step < total_steps:
         t_step = time.perf_counter()
@@ -225,10 +228,13 @@ def train(cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
             break
     bar.close()
     path = save_checkpoint() if last_saved != step else None
-    if not stopped:
+    if not stopped and not already_done:
         val_ppl = validate()
+    elif already_done:
+        bar.write(f"nothing to do: {resume_from} is already at step {step} of {total_steps}")
     if main:
         path = path or ckpt_io.checkpoints_dir(run_dir) / ckpt_io.step_dir_name(step)
     acc.wait_for_everyone()
+    tracker.finish()
     acc.end_training()
     return TrainResult(run_dir, step, path, stopped, val_ppl, raw_model, rank, world)
