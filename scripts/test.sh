@@ -1,9 +1,53 @@
 #!/usr/bin/env bash
-# The test suite, from a fresh machine: install, then pytest. Extra arguments go to pytest.
+# The test suite, from a fresh machine: install, lint, start the local SLURM cluster
+# (slurm/local/) where possible, pytest, stop the cluster again. Extra arguments go to pytest.
+#
+# The SLURM integration tests (tests/test_slurm_cluster.py) need that cluster, which needs
+# root and apt-get. Without them the tests are skipped with the reason -- except in CI
+# (CI=true), where a cluster that cannot start fails the run at once.
+#   LMCORE_SLURM_DIR=path   the cluster's state folder (default /tmp/lmcore-slurm)
+#   LMCORE_SLURM_TESTS=off  do not install/start a cluster (the SLURM tests then skip; not in CI)
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 bash scripts/setup.sh
 venv="${LMCORE_VENV:-$repo/.venv}"
 "$venv/bin/ruff" check lmcore jobs tests
+
+in_ci=false
+case "${CI:-}" in true | TRUE | True | 1 | yes) in_ci=true ;; esac
+export LMCORE_SLURM_DIR="${LMCORE_SLURM_DIR:-/tmp/lmcore-slurm}"
+slurm_fail() {
+    if [ "$in_ci" = true ]; then
+        echo "scripts/test.sh: error: the SLURM integration tests cannot run in CI: $*" >&2
+        exit 1
+    fi
+    echo "scripts/test.sh: warning: $*; the SLURM integration tests will be skipped" >&2
+}
+started=false
+if [ "${LMCORE_SLURM_TESTS:-auto}" = off ] && [ "$in_ci" = false ]; then
+    echo "scripts/test.sh: LMCORE_SLURM_TESTS=off: no local SLURM cluster" >&2
+elif [ "$(id -u)" -ne 0 ]; then
+    slurm_fail "the local SLURM cluster needs root (slurm/local/README.md)"
+elif ! command -v apt-get >/dev/null 2>&1 && ! command -v slurmctld >/dev/null 2>&1; then
+    slurm_fail "no apt-get to install SLURM (slurm/local/install.sh)"
+else
+    already_up=false
+    if [ -f "$LMCORE_SLURM_DIR/etc/slurm.conf" ] &&
+        SLURM_CONF="$LMCORE_SLURM_DIR/etc/slurm.conf" scontrol ping 2>/dev/null | grep -q "is UP"; then
+        already_up=true # someone's cluster: use it, leave it running
+    fi
+    if ! bash slurm/local/install.sh; then
+        slurm_fail "installing SLURM failed (slurm/local/install.sh)"
+    elif ! bash slurm/local/start.sh "$LMCORE_SLURM_DIR"; then
+        slurm_fail "the local SLURM cluster did not start (slurm/local/start.sh; logs in $LMCORE_SLURM_DIR/log)"
+    elif [ "$already_up" = false ]; then
+        started=true
+    fi
+fi
+if [ "$started" = true ]; then
+    # stop what we started, whatever pytest does (a failed run keeps its exit status)
+    trap 'bash "$repo/slurm/local/stop.sh" "$LMCORE_SLURM_DIR" >/dev/null || true' EXIT
+fi
+
 "$venv/bin/python" -m pytest "$@"

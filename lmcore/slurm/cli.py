@@ -1,0 +1,121 @@
+"""`lmcore submit {train,eval,generate,pipeline} --cluster PROFILE --config CONFIG [overrides]`.
+
+Called by lmcore.cli with the arguments after `submit`; returns the exit status. Bad input
+(profile, config, sbatch's refusal) raises LmcoreError: one line, exit status 2, nothing
+submitted. A job that ends without a result under --wait: one line, exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+
+from lmcore.slurm import JobFailedError
+
+EPILOG = """\
+examples:
+  lmcore submit train --cluster local --config configs/tiny.yaml run.dir=runs/slurm1
+  lmcore submit generate --cluster gpu_example --config configs/imdb_seed.yaml --shards 64 \\
+      generate.prompts=prompts.jsonl generate.output_dir=gen/
+  lmcore submit pipeline --cluster local --config configs/tiny.yaml --dry-run
+
+PROFILE is a name in configs/slurm/ (e.g. local) or a YAML path. Generation is a job array
+(one shard per task, profile array_parallelism at once) plus a merge job; a pipeline chains
+train -> eval -> generate -> merge with afterok dependencies. Jobs checkpoint and requeue
+themselves on the profile's warning signal (USR2 by default) and resume where they stopped.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        print(f"lmcore: error: {message} (see 'lmcore submit --help')", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    usage = ("lmcore submit {train,eval,generate,pipeline} --cluster PROFILE [--config CONFIG] [--dry-run]\n"
+             "                     [--shards N] [--wait] [--timeout S] [--json] [KEY=VALUE ...]")
+    p = _Parser(prog="lmcore submit", usage=usage,
+                description="Submit lmcore jobs to SLURM through submitit. KEY=VALUE: dotted config "
+                            "overrides, as for the other commands.",
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("kind", choices=["train", "eval", "generate", "pipeline"], help="what to submit")
+    p.add_argument("--cluster", required=True, metavar="PROFILE",
+                   help="cluster profile: a name in configs/slurm/ or a YAML file")
+    p.add_argument("--config", "-c", help="run config (YAML); defaults apply when omitted")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script(s); submit nothing")
+    p.add_argument("--shards", type=int, default=0,
+                   help="generation shards = array tasks (default: generate.num_shards, else 1)")
+    p.add_argument("--wait", action="store_true", help="wait for the jobs and print their results")
+    p.add_argument("--timeout", type=float, default=24 * 3600.0, metavar="S",
+                   help="with --wait: give up waiting after S seconds (the jobs keep running)")
+    p.add_argument("--json", action="store_true", help="print job ids, logs (and results) as JSON")
+    return p
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(list(argv))
+    for item in extra:
+        if item.startswith("-") or "=" not in item:
+            parser.error(f"unrecognized argument {item!r}")
+    overrides = list(extra)
+    if args.shards < 0:
+        parser.error("--shards must be >= 0")
+
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        from lmcore.slurm import SubmitError
+
+        raise SubmitError("lmcore submit needs submitit: pip install 'lmcore[slurm]'") from None
+    from lmcore.config import load_config
+    from lmcore.slurm.profile import load_profile
+    from lmcore.slurm.submit import describe, dry_run_text, plan, submit_plan, wait
+
+    profile = load_profile(args.cluster)
+    cfg = load_config(args.config, overrides)  # a bad config stops here, before sbatch
+    specs = plan(args.kind, profile, cfg, shards=args.shards)
+    if args.dry_run:
+        summary = " ".join(shlex.quote(x) for x in [args.config or "defaults", *overrides])
+        print(dry_run_text(specs, profile, summary), end="")
+        return 0
+
+    submitted = submit_plan(specs, profile)
+    report = []
+    for spec, sub in zip(specs, submitted, strict=True):
+        out, err = sub.log_paths()
+        ids = [j.job_id for j in sub.jobs]
+        report.append({"kind": sub.kind, "job_id": sub.job_id, "tasks": ids, "stdout": out, "stderr": err})
+        if not args.json:
+            print(f"submitted {describe(spec).replace(' job:', f' job {sub.job_id}:', 1)}")
+            print(f"  logs:  {out}\n         {err}"
+                  + ("  (one pair per task/rank: _0_ is rank 0)" if spec.params["ntasks_per_node"] > 1
+                     or spec.params["nodes"] > 1 else ""))
+            print(f"  watch: squeue -j {sub.job_id}    cancel: scancel {sub.job_id}")
+        if spec.kind == "merge" and not args.json:
+            out_dir = spec.calls[0].cfg["generate"]["output_dir"]
+            print(f"  the merged generations go to {out_dir}")
+    sys.stdout.flush()
+    if not args.wait:
+        if args.json:
+            print(json.dumps({"jobs": report}))
+        return 0
+    status = 0
+    for entry, sub in zip(report, submitted, strict=True):
+        try:
+            entry["results"] = wait(sub, args.timeout)
+        except JobFailedError as e:
+            entry["error"] = str(e)
+            print(f"lmcore: error: {e}", file=sys.stderr)
+            status = 1
+            break
+        if not args.json:
+            print(json.dumps({"kind": sub.kind, "job_id": sub.job_id, "results": entry["results"]},
+                             default=str))
+    if args.json:
+        print(json.dumps({"jobs": report}, default=str))
+    return status

@@ -1,0 +1,294 @@
+"""Cluster profiles: where and with what resources jobs run, as a typed dataclass from YAML.
+
+A profile is `configs/slurm/NAME.yaml` (or any path). Unknown keys, wrong types and values
+SLURM would refuse (a time limit in another format, a signal name that does not exist) stop
+before anything is submitted, with one line naming the key and the valid choices, as
+lmcore/config.py does for run configs.
+
+Every string that ends up in the sbatch script is checked here for control characters: a
+newline inside a value would end an `#SBATCH` line and start a shell line. Quoting is done
+where the script is written (lmcore/slurm/submit.py); `setup` lines and `python` are shell
+commands by design (they are the profile author's own commands, like a job script).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import signal
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmcore.slurm import ProfileError
+
+# Per-job resources: the top level of a profile sets them for every job; the optional
+# `eval` and `generate` sections override some of them for those jobs (e.g. one GPU per
+# generation shard while training uses whole nodes).
+RESOURCE_KEYS = ("nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "mem_gb", "time")
+
+# sbatch options lmcore writes itself; setting them under `sbatch:` would silently fight
+# with the profile key or with submitit's bookkeeping (log paths, arrays, dependencies).
+MANAGED_SBATCH = {
+    "job-name": "(set by lmcore: lmcore-KIND)", "partition": "partition", "account": "account",
+    "qos": "qos", "nodes": "nodes", "ntasks-per-node": "tasks_per_node", "gpus-per-node": "gpus_per_node",
+    "cpus-per-task": "cpus_per_task", "mem": "mem_gb", "time": "time", "constraint": "constraint",
+    "exclude": "exclude", "signal": "signal / signal_delay_s", "output": "log_dir", "error": "log_dir",
+    "open-mode": "(set by submitit)", "array": "(set by lmcore submit generate)",
+    "dependency": "(set by lmcore submit pipeline)", "requeue": "(always on: jobs requeue themselves)",
+    "wrap": "(not a batch-script option)",
+}
+
+
+@dataclass
+class Resources:
+    nodes: int = 1
+    tasks_per_node: int = 0  # 0: one task per GPU, or 1 on CPU-only nodes
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1  # also the torch threads of each task
+    mem_gb: float = 0.0  # per node; 0: the cluster's default
+    time: str = "01:00:00"  # MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS
+
+    @property
+    def tasks(self) -> int:
+        """Tasks per node as submitted: DDP wants exactly one process per GPU."""
+        return self.tasks_per_node or max(1, self.gpus_per_node)
+
+    @property
+    def time_min(self) -> int:
+        return parse_time(self.time)
+
+
+@dataclass
+class Profile:
+    partition: str = ""  # "" = the cluster's default partition
+    account: str = ""
+    qos: str = ""
+    nodes: int = 1
+    tasks_per_node: int = 0
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_gb: float = 0.0
+    time: str = "01:00:00"
+    constraint: str = ""
+    exclude: str = ""
+    sbatch: dict[str, Any] = field(default_factory=dict)  # more `#SBATCH --KEY=VALUE` (true: a flag)
+    modules: list[str] = field(default_factory=list)  # `module load` each
+    venv: str = ""  # activate this virtualenv on the nodes (and use its python)
+    conda_env: str = ""  # or this conda environment
+    env: dict[str, Any] = field(default_factory=dict)  # exported on the nodes, values quoted
+    setup: list[str] = field(default_factory=list)  # raw shell lines, run before the job starts
+    python: str = ""  # python command on the nodes; "" = the venv's, or the submitting interpreter
+    log_dir: str = "slurm_logs"  # submitit's folder: logs, pickles; one subfolder per job id
+    job_name: str = "lmcore"  # jobs are named JOB_NAME-KIND
+    signal: str = "USR2"  # warning signal before the time limit (the job checkpoints + requeues)
+    signal_delay_s: int = 90  # sent this long before the time limit
+    max_requeues: int = 3  # a job requeues itself at most this often (preemption or time limit)
+    array_parallelism: int = 0  # generation shards running at once; 0 = all
+    eval: dict[str, Any] = field(default_factory=dict)  # resource overrides for eval jobs
+    generate: dict[str, Any] = field(default_factory=dict)  # ... and for generation shards
+    name: str = ""  # set from the file name by load_profile
+    source: str = ""  # the file it came from
+
+    def resources(self, kind: str) -> Resources:
+        base = {k: getattr(self, k) for k in RESOURCE_KEYS}
+        if kind == "generate":  # a shard is one process: one node, one task, at most one GPU
+            base.update(nodes=1, tasks_per_node=1, gpus_per_node=min(1, self.gpus_per_node))
+        section = {"eval": self.eval, "generate": self.generate}.get(kind, {})
+        return Resources(**{**base, **section})
+
+
+def parse_time(text: str) -> int:
+    """A SLURM time limit -> whole minutes (rounded up), as submitit wants them."""
+    t = str(text).strip()
+    m = re.fullmatch(r"(\d+)-(\d+)(?::(\d+))?(?::(\d+))?", t)
+    if m:
+        d, h, mi, s = (int(x) if x else 0 for x in m.groups())
+        seconds = ((d * 24 + h) * 60 + mi) * 60 + s
+    elif re.fullmatch(r"\d+(?::\d+){0,2}", t):
+        parts = [int(x) for x in t.split(":")]
+        if len(parts) == 1:
+            seconds = parts[0] * 60
+        elif len(parts) == 2:
+            seconds = parts[0] * 60 + parts[1]
+        else:
+            seconds = (parts[0] * 60 + parts[1]) * 60 + parts[2]
+    else:
+        raise ValueError(t)
+    return max(1, -(-seconds // 60))
+
+
+def _fail(profile: str, message: str) -> typing.NoReturn:
+    raise ProfileError(f"cluster profile {profile}: {message}")
+
+
+def _check_text(profile: str, name: str, value: str) -> str:
+    # A newline or other control character would break out of an `#SBATCH` line or a
+    # shell line of the script: refuse it rather than try to escape it.
+    if re.search(r"[\x00-\x1f\x7f]", value):
+        _fail(profile, f"{name} must be one line without control characters; got {value!r}")
+    return value
+
+
+# Values written into `#SBATCH --key=value` lines. sbatch reads those with its own rules,
+# not the shell's: a backslash escapes even inside single quotes, so shell-style quoting
+# of a ' (as shlex.quote writes it: '"'"') is an "Unmatched `'`" error. Such values are
+# refused; everything else (spaces, $(...), backticks, ;, ", #) is safe inside '...'.
+SBATCH_VALUE_KEYS = ("partition", "account", "qos", "constraint", "exclude", "job_name", "log_dir")
+
+
+def check_sbatch_value(where: str, name: str, value: str) -> None:
+    if "'" in value or "\\" in value:
+        raise ProfileError(f"{where}: {name} must not contain ' or \\ (it goes into an #SBATCH line, which "
+                           f"sbatch cannot quote reliably); got {value!r}")
+
+
+def _coerce(profile: str, name: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            _fail(profile, f"{name} must be a list; got {value!r}")
+        return [_coerce(profile, f"{name}[{i}]", v, str) for i, v in enumerate(value)]
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            _fail(profile, f"{name} must be a mapping; got {value!r}")
+        out = {}
+        for k, v in value.items():
+            key = _check_text(profile, f"{name} key", str(k))
+            if isinstance(v, (dict, list)) or v is None:
+                _fail(profile, f"{name}.{key} must be a single value; got {v!r}")
+            out[key] = _check_text(profile, f"{name}.{key}", v) if isinstance(v, str) else v
+        return out
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        _fail(profile, f"{name} must be an integer; got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        _fail(profile, f"{name} must be a number; got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return _check_text(profile, name, str(value))
+        _fail(profile, f"{name} must be a string; got {value!r}")
+    raise AssertionError(tp)
+
+
+def _unknown(profile: str, key: str, where: str, valid: list[str]) -> typing.NoReturn:
+    hint = difflib.get_close_matches(key, valid, n=1)
+    did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+    _fail(profile, f"unknown key '{where}{key}'{did_you_mean}; valid keys: {', '.join(valid)}")
+
+
+def profile_from_dict(values: dict[str, Any], name: str = "<dict>", source: str = "") -> Profile:
+    hints = typing.get_type_hints(Profile)
+    valid = [f.name for f in dataclasses.fields(Profile) if f.name not in ("name", "source")]
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in valid:
+            _unknown(name, str(key), "", valid)
+        kwargs[key] = _coerce(name, key, value, hints[key])
+    for section in ("eval", "generate"):
+        for key, value in kwargs.get(section, {}).items():
+            if key not in RESOURCE_KEYS:
+                _unknown(name, key, f"{section}.", list(RESOURCE_KEYS))
+            kwargs[section][key] = _coerce(name, f"{section}.{key}", value, hints[key])
+    profile = Profile(**kwargs, name=name, source=source)
+    validate(profile)
+    return profile
+
+
+def validate(p: Profile) -> None:
+    for kind in ("train", "eval", "generate"):
+        r = p.resources(kind)
+        where = "" if kind == "train" else f"{kind}."
+        for key in ("nodes", "cpus_per_task"):
+            if getattr(r, key) < 1:
+                _fail(p.name, f"{where}{key} must be >= 1; got {getattr(r, key)}")
+        for key in ("tasks_per_node", "gpus_per_node", "mem_gb"):
+            if getattr(r, key) < 0:
+                _fail(p.name, f"{where}{key} must be >= 0; got {getattr(r, key)}")
+        try:
+            minutes = r.time_min
+        except ValueError:
+            _fail(p.name, f"{where}time {r.time!r} is not a SLURM time limit; use MINUTES, HH:MM:SS, "
+                          "D-HH or D-HH:MM:SS (e.g. 04:00:00 or 1-00:00:00)")
+        if minutes * 60 <= p.signal_delay_s:
+            _fail(p.name, f"{where}time {r.time} is not longer than signal_delay_s={p.signal_delay_s}: "
+                          "the warning signal would come before the job starts")
+    if p.generate.get("nodes", 1) != 1 or p.generate.get("tasks_per_node", 1) not in (0, 1):
+        _fail(p.name, "generate.nodes and generate.tasks_per_node must be 1: a generation shard is "
+                      "one process (use more shards instead)")
+    name = p.signal.strip().upper()
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP"):
+        _fail(p.name, f"signal {p.signal!r} is not a signal a job can catch; use USR2 (default), USR1, TERM")
+    p.signal = name[3:]
+    for key in ("signal_delay_s", "max_requeues", "array_parallelism"):
+        if getattr(p, key) < 0:
+            _fail(p.name, f"{key} must be >= 0; got {getattr(p, key)}")
+    if p.venv and p.conda_env:
+        _fail(p.name, "set venv or conda_env, not both")
+    for key in SBATCH_VALUE_KEYS:
+        check_sbatch_value(f"cluster profile {p.name}", key, getattr(p, key))
+    for key, value in p.sbatch.items():
+        if isinstance(value, str):
+            check_sbatch_value(f"cluster profile {p.name}", f"sbatch.{key}", value)
+        flag = key.replace("_", "-")
+        if not re.fullmatch(r"[a-z][a-z0-9-]*", flag):
+            _fail(p.name, f"sbatch option {key!r} is not an sbatch long option name (e.g. mail-type)")
+        if flag in MANAGED_SBATCH:
+            _fail(p.name, f"sbatch option {key!r} is managed by lmcore; use the profile key "
+                          f"{MANAGED_SBATCH[flag]}")
+        if value is False:
+            _fail(p.name, f"sbatch.{key}: false is not an sbatch value; remove the key to leave it unset")
+    for key in p.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            _fail(p.name, f"env key {key!r} is not an environment variable name")
+
+
+def profile_dirs() -> list[Path]:
+    """Where profile names are looked up: ./configs/slurm, then the repository's."""
+    here = Path.cwd() / "configs" / "slurm"
+    repo = Path(__file__).resolve().parents[2] / "configs" / "slurm"
+    return [here] if here.resolve() == repo.resolve() else [here, repo]
+
+
+def available_profiles() -> list[str]:
+    names = {p.stem for d in profile_dirs() if d.is_dir() for p in d.glob("*.yaml")}
+    return sorted(names)
+
+
+def find_profile(spec: str) -> Path:
+    """A name (configs/slurm/NAME.yaml) or a path to a YAML file."""
+    looks_like_path = "/" in spec or spec.endswith((".yaml", ".yml"))
+    candidates = [Path(spec)] if looks_like_path else [d / f"{spec}.yaml" for d in profile_dirs()]
+    for path in candidates:
+        if path.is_file():
+            return path
+    known = ", ".join(available_profiles()) or "none"
+    where = spec if looks_like_path else " or ".join(str(c) for c in candidates)
+    raise ProfileError(f"cluster profile {spec!r} not found ({where}); available profiles: {known}; "
+                       "or pass a path to a YAML file")
+
+
+def load_profile(spec: str) -> Profile:
+    path = find_profile(spec)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ProfileError(f"cluster profile {path} is not valid YAML ({first})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ProfileError(f"cluster profile {path} must hold a mapping of keys, e.g. 'partition: gpu'")
+    return profile_from_dict(data, name=spec, source=str(path))
