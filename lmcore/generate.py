@@ -1,32 +1,70 @@
 """Batched, stateful sampling: read each prompt once, then feed one token per step.
 
 The notebook re-ran the whole prefix for every new word, one prompt at a time, and
-resampled until the draw was not `<unk>`. Here all prompts of a batch are read in one
-packed LSTM call, the state is carried, and `<unk>`, `<pad>`, `<bos>` get probability
-zero before sampling, which is exactly the distribution that resampling produced.
+resampled until the draw was not `<unk>`. Here a batch of prompts is read once (sorted by
+length, one LSTM step per position), the state is carried, and `<unk>`, `<pad>`, `<bos>`
+get probability zero before sampling, which is exactly the distribution that resampling
+produced (for `<unk>`; the other two never come out of a sensible model anyway).
 
-Determinism: each row draws its uniforms from its own generator, seeded by the caller
-(e.g. from (seed, prompt id, sample index)), and samples by inverse CDF, so what a row
-gets does not depend on which other rows share its batch.
+Speed. Each new token costs one (rows x hidden) @ (hidden x vocab) matmul and one pass
+over the logits: the temperature is folded into the output layer, the banned tokens are
+-inf in its bias, and plain sampling is inverse-CDF in two levels: per row, the mass of
+each vocabulary chunk (max, exp and sum while the chunk is in cache), then a cumulative
+sum inside the one chunk the uniform falls in. No sort unless top-p needs one (and then
+first among the top 64, then 1024 candidates, sorting the whole row only for rows whose
+nucleus is larger); greedy and top-k=1 are an argmax.
+
+Determinism. Each row draws its uniforms from its own counter-based stream keyed by
+(seed, prompt id, sample index) (`row_key`, `row_uniforms`: splitmix64 in numpy, the same
+numbers on every machine and library version), one uniform per new token. What a row gets
+must then not depend on which rows share its batch. On CPU that holds bit for bit because
+every operation here is row-local and shape-stable:
+  * matmuls always see at least MIN_ROWS rows (MKL takes another kernel, with other last
+    bits, for fewer rows; from 16 rows on a row's result is the same whatever the batch);
+  * the LSTM cell is written out with exp/tanh/+/*/÷ (torch's sigmoid gives other last bits
+    depending on where an element sits in memory; exp and tanh do not);
+  * reductions (max, sum, cumsum, topk) run per row.
+These are measured properties of the torch/MKL build (tests/test_generate.py checks them:
+batches of 1, 5 and 20 rows, shuffled, fp32 and bf16); another BLAS may break them, and
+those tests would say so. On CUDA, rows are padded to a fixed count (the job's batch size),
+so every step runs the same kernels; identity across batch sizes is not claimed there.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+import torch.nn.functional as F
 
 from lmcore.model import LSTMLM
 from lmcore.tokenizer import WordTokenizer
+
+MIN_ROWS = 16  # CPU matmuls with fewer rows use another MKL kernel (other last bits)
+CHUNK = 2048  # vocabulary columns per chunk of the sampling pass (in cache while used)
+TOP_P_CANDIDATES = (64, 1024)  # nucleus search: these many top tokens first, then a full sort
+_TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass
 class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
-    top_k: int = 0
+    top_k: int = 0  # 0 = off
     top_p: float = 1.0
     max_new_tokens: int = 50
+
+    @property
+    def greedy(self) -> bool:
+        """Greedy decoding: temperature 0, or top-k 1 (the same argmax, by construction)."""
+        return self.temperature == 0 or self.top_k == 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -35,86 +73,402 @@ class Completion:
     finish_reason: str  # "eos" or "length"
 
 
+# -- per-row random streams ------------------------------------------------------------------
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def row_key(seed: int, prompt_id: int | str, sample_index: int = 0) -> int:
+    """The 64-bit key of one (seed, prompt id, sample) stream. Ids 7 and "7" differ."""
+    payload = json.dumps([int(seed), prompt_id, int(sample_index)], ensure_ascii=True,
+                         separators=(",", ":"))
+    return int.from_bytes(hashlib.blake2b(payload.encode("ascii"), digest_size=8).digest(), "little")
+
+
+def row_uniforms(keys: Sequence[int] | np.ndarray, steps: int) -> np.ndarray:
+    """(len(keys), steps) uniforms in [0, 1): output t of the splitmix64 stream seeded by
+    each key (53-bit floats). Pure integer arithmetic: identical on every platform."""
+    k = np.asarray(keys, dtype=np.uint64).reshape(-1, 1)
+    t = np.arange(1, steps + 1, dtype=np.uint64).reshape(1, -1)
+    with np.errstate(over="ignore"):
+        z = k + t * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+class RowStream:
+    """The random stream owned by one (prompt, sample): the same draws in any batch or shard."""
+
+    def __init__(self, key: int):
+        self.key = key
+
+    def uniforms(self, steps: int) -> np.ndarray:
+        return row_uniforms([self.key], steps)[0]
+
+
+def row_generator(seed: int, prompt_id: int | str, sample_index: int = 0) -> RowStream:
+    return RowStream(row_key(seed, prompt_id, sample_index))
+
+
+def _uniforms_from(generators: Sequence, steps: int) -> np.ndarray:
+    rows = []
+    for g in generators:
+        if isinstance(g, RowStream):
+            rows.append(g.uniforms(steps))
+        elif isinstance(g, torch.Generator):  # older callers: a seeded torch generator per row
+            rows.append(torch.rand(steps, generator=g, dtype=torch.float64).numpy())
+        else:
+            raise TypeError(f"expected RowStream or torch.Generator, got {type(g).__name__}")
+    return np.stack(rows) if rows else np.zeros((0, steps))
+
+
+# -- precision ------------------------------------------------------------------------------
+def cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def auto_precision(device: torch.device | str) -> str:
+    """What is fast here: bf16 on CUDA (when supported) and on CPUs with AMX, else fp32.
+    A rule on the hardware, not a timing, so every task of a job decides the same."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_amx() else "fp32"
+    return "fp32"
+
+
+# -- sampling from logits ---------------------------------------------------------------------
+def _chunk_layout(vocab: int) -> tuple[int, int]:
+    """(chunk width, number of chunks): chunks of about CHUNK columns, width a multiple of 16,
+    covering the vocabulary with as little padding as possible."""
+    if vocab <= CHUNK:
+        return vocab, 1
+    n = math.ceil(vocab / CHUNK)
+    width = math.ceil(math.ceil(vocab / n) / 16) * 16
+    return width, math.ceil(vocab / width)
+
+
+def _inverse_cdf(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index whose CDF reaches target (M, 1). A zero-probability entry is
+    a flat stretch of the CDF, never the first to reach a positive target."""
+    return torch.searchsorted(cdf, target.clamp_min(_TINY)).clamp_max(cdf.shape[1] - 1).squeeze(1)
+
+
+def _sample_sorted(vals: torch.Tensor, u: torch.Tensor, top_p: float, row_max: torch.Tensor | None = None,
+                   total: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions drawn from candidates sorted by logit, descending (M, K). total: the whole
+    row's mass relative to row_max (top-p alone: the nucleus is a share of every token);
+    None: the candidates are all there is (top-k)."""
+    ref = vals[:, :1] if row_max is None else row_max
+    e = torch.exp(vals - ref)
+    if top_p < 1.0:
+        cs = e.cumsum(dim=1)
+        whole = cs[:, -1:] if total is None else total
+        before = cs - e  # mass of strictly more likely candidates
+        e = e.masked_fill(before >= top_p * whole, 0.0)
+    cs = e.cumsum(dim=1)
+    return _inverse_cdf(cs, u.unsqueeze(1) * cs[:, -1:])
+
+
+def _chunk_masses(logits: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row and chunk: the max logit and sum(exp(logit - that max))."""
+    m, vp = logits.shape
+    n = vp // width
+    cmax = torch.empty(m, n, dtype=logits.dtype, device=logits.device)
+    csum = torch.empty_like(cmax)
+    buf = torch.empty(m, width, dtype=logits.dtype, device=logits.device)
+    low = torch.finfo(logits.dtype).min  # an all -inf chunk: exp(-inf - low) = 0, not nan
+    for c in range(n):
+        part = logits[:, c * width:(c + 1) * width]
+        mx = part.amax(dim=1, keepdim=True).clamp_min_(low)
+        torch.sub(part, mx, out=buf).exp_()
+        torch.sum(buf, dim=1, out=csum[:, c])
+        cmax[:, c:c + 1] = mx
+    return cmax, csum
+
+
+def pick_tokens(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams, width: int) -> torch.Tensor:
+    """One token per row of (M, Vp) logits, already divided by the temperature, banned and
+    padding columns at -inf, Vp a multiple of width; u: (M,) uniforms in [0, 1)."""
+    if params.greedy:
+        return logits.argmax(dim=1)
+    u = u.to(device=logits.device, dtype=logits.dtype)
+    m, vp = logits.shape
+    if params.top_k:
+        k = min(params.top_k, vp)
+        vals, idx = torch.topk(logits, k, dim=1)
+        return idx.gather(1, _sample_sorted(vals, u, params.top_p).unsqueeze(1)).squeeze(1)
+    cmax, csum = _chunk_masses(logits, width)
+    gmax = cmax.amax(dim=1, keepdim=True)
+    mass = csum * torch.exp(cmax - gmax)  # (M, chunks), relative to the row's max
+    if params.top_p < 1.0:
+        return _top_p(logits, u, params.top_p, gmax, mass.sum(dim=1, keepdim=True))
+    cum = mass.cumsum(dim=1)
+    target = (u.unsqueeze(1) * cum[:, -1:]).clamp_min(_TINY)
+    chunk = _inverse_cdf(cum, target)
+    col = chunk.unsqueeze(1)
+    before = cum.gather(1, col) - mass.gather(1, col)
+    frac = ((target - before) / mass.gather(1, col)).clamp_(0.0, 1.0)
+    rows = torch.arange(m, device=logits.device)
+    part = logits.view(m, vp // width, width)[rows, chunk]  # (M, width): the chosen chunk
+    cdf = torch.exp(part - cmax.gather(1, col)).cumsum(dim=1)
+    return chunk * width + _inverse_cdf(cdf, frac * cdf[:, -1:])
+
+
+def _top_p(logits: torch.Tensor, u: torch.Tensor, top_p: float, gmax: torch.Tensor,
+           total: torch.Tensor) -> torch.Tensor:
+    """Nucleus sampling without sorting whole rows unless the nucleus is that large."""
+    m, vp = logits.shape
+    out = torch.empty(m, dtype=torch.long, device=logits.device)
+    rows = torch.arange(m, device=logits.device)
+    for k in (*[c for c in TOP_P_CANDIDATES if c < vp], vp):
+        sub = logits if len(rows) == m else logits[rows]
+        if k < vp:
+            vals, idx = torch.topk(sub, k, dim=1)
+            mass = torch.exp(vals - gmax[rows]).cumsum(dim=1)[:, -1]  # as _sample_sorted sums it
+            covered = mass >= top_p * total[rows].squeeze(1)
+        else:
+            vals, idx = torch.sort(sub, dim=1, descending=True, stable=True)
+            covered = torch.ones(len(rows), dtype=torch.bool, device=logits.device)
+        if bool(covered.any()):
+            pos = _sample_sorted(vals[covered], u[rows][covered], top_p, gmax[rows][covered],
+                                 total[rows][covered])
+            out[rows[covered]] = idx[covered].gather(1, pos.unsqueeze(1)).squeeze(1)
+        rows = rows[~covered]
+        if len(rows) == 0:
+            break
+    return out
+
+
 def sample_next(logits: torch.Tensor, uniforms: torch.Tensor, params: SamplingParams,
                 banned: list[int]) -> torch.Tensor:
-    """One token per row from (B, V) logits, by inverse CDF on the given (B,) uniforms."""
-    logits = logits.float()
+    """One token per row from raw (B, V) logits, by inverse CDF on the given (B,) uniforms."""
+    logits = logits.detach().float().clone()
     logits[:, banned] = float("-inf")
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of strictly more likely tokens
-        sorted_p = sorted_p.masked_fill(before >= params.top_p, 0.0)
-        pick = _inverse_cdf(sorted_p.cumsum(dim=-1), uniforms)
-        return order.gather(1, pick.unsqueeze(1)).squeeze(1)
-    cdf = probs.cumsum(dim=-1)
-    return _inverse_cdf(cdf, uniforms)
+    if not params.greedy and params.temperature != 1.0:
+        logits /= params.temperature
+    width, n = _chunk_layout(logits.shape[1])
+    if n * width > logits.shape[1]:
+        logits = F.pad(logits, (0, n * width - logits.shape[1]), value=float("-inf"))
+    return pick_tokens(logits, uniforms, params, width)
 
 
-def _inverse_cdf(cdf: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """First index whose CDF reaches u * total. A zero-probability token is a flat stretch
-    of the CDF, never the first to reach a positive target, so banned tokens cannot come out
-    (the floor keeps u = 0 from landing on a leading zero)."""
-    target = (uniforms * cdf[:, -1]).clamp_min(1e-30).unsqueeze(1)
-    return torch.searchsorted(cdf, target).clamp_max(cdf.shape[1] - 1).squeeze(1)
+# -- the decoder ------------------------------------------------------------------------------
+class Decoder:
+    """Generation with a trained LSTMLM: weights laid out once, then any number of batches.
+
+    precision: "fp32", or "bf16" (matmuls in bfloat16, LSTM cell and sampling in float32).
+    fixed_rows: pad every step to this many rows (CUDA: the same kernels every step);
+    0 = at least MIN_ROWS.
+    """
+
+    def __init__(self, model: LSTMLM, tok: WordTokenizer, params: SamplingParams,
+                 device: torch.device | str | None = None, precision: str = "fp32", fixed_rows: int = 0):
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        self.params = params
+        self.tok = tok
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.mm_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.fixed_rows = fixed_rows
+        self._buf: torch.Tensor | None = None  # the logits of a step
+        self.eos = tok.eos_id
+        self.pad = tok.pad_id
+        with torch.no_grad():
+            dev, f32 = self.device, torch.float32
+            lstm = model.lstm
+            self.hidden = lstm.hidden_size
+            self.emb = model.embedding.weight.detach().to(dev, f32).clone()
+            self.layers = []
+            for layer in range(lstm.num_layers):
+                w_ih = getattr(lstm, f"weight_ih_l{layer}").detach().to(dev, f32)
+                w_hh = getattr(lstm, f"weight_hh_l{layer}").detach().to(dev, f32)
+                bias = (getattr(lstm, f"bias_ih_l{layer}").detach().to(dev, f32)
+                        + getattr(lstm, f"bias_hh_l{layer}").detach().to(dev, f32))
+                self.layers.append((w_ih.to(self.mm_dtype), w_hh.to(self.mm_dtype), bias))
+            self.proj = None if model.proj is None else model.proj.weight.detach().to(dev, self.mm_dtype)
+            self.fold = not params.greedy and params.temperature != 1.0  # divide by the temperature
+            self.banned = [tok.unk_id, tok.pad_id, tok.bos_id]  # never emitted
+            self.adaptive = getattr(model, "adaptive", None)
+            if self.adaptive is not None:  # adaptive softmax: its exact log-probabilities
+                self.vocab = model.vocab_size
+                self.width, _ = _chunk_layout(self.vocab)
+                return
+            w = model.head.weight.detach().to(dev, f32).clone()
+            b = model.head.bias.detach().to(dev, f32).clone()
+            b[self.banned] = float("-inf")
+            if self.fold:  # into the output layer
+                w /= params.temperature
+                b /= params.temperature
+            vocab = w.shape[0]
+            self.width, n = _chunk_layout(vocab)
+            extra = n * self.width - vocab  # padding columns: weight 0, bias -inf
+            if extra:
+                w = torch.cat([w, w.new_zeros(extra, w.shape[1])])
+                b = torch.cat([b, b.new_full((extra,), float("-inf"))])
+            self.head_w = w.to(self.mm_dtype)
+            self.head_b = b  # added in float32
+
+    # -- pieces -------------------------------------------------------------------------------
+    def _rows(self, m: int) -> int:
+        return max(m, self.fixed_rows or MIN_ROWS)
+
+    def _mm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x @ w.T in the matmul precision, result in float32."""
+        return torch.mm(x.to(self.mm_dtype), w.t()).float()
+
+    def _cell(self, layer: int, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        w_ih, w_hh, bias = self.layers[layer]
+        gates = self._mm(x, w_ih).add_(bias).add_(self._mm(h, w_hh))
+        n = self.hidden
+        # sigmoid as 1 / (1 + exp(-x)): exp, + and / give the same bits wherever a row sits
+        sig = torch.exp(gates.neg()).add_(1.0).reciprocal_()
+        i, f, o = sig[:, :n], sig[:, n:2 * n], sig[:, 3 * n:]
+        g = torch.tanh(gates[:, 2 * n:3 * n])
+        c2 = f * c + i * g
+        return o * torch.tanh(c2), c2
+
+    def _step(self, tokens: torch.Tensor, hs: list[torch.Tensor], cs: list[torch.Tensor]
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        x = self.emb[tokens]
+        new_h, new_c = [], []
+        for layer in range(len(self.layers)):
+            h, c = self._cell(layer, x, hs[layer], cs[layer])
+            new_h.append(h)
+            new_c.append(c)
+            x = h
+        return new_h, new_c
+
+    def _logits(self, h_top: torch.Tensor) -> torch.Tensor:
+        """(rows, Vp) float32 logits over the (padded) vocabulary, already divided by the
+        temperature, banned and padding columns at -inf."""
+        feat = h_top if self.proj is None else self._mm(h_top, self.proj)
+        if self.adaptive is None:
+            rows = feat.shape[0]
+            if self._buf is None or self._buf.shape[0] < rows:
+                # One buffer for every step: a fresh 40 MB tensor per step costs more in page
+                # faults than the sampling pass does.
+                self._buf = torch.empty(rows, self.head_w.shape[0], device=self.device)
+            out = self._buf[:rows]
+            if self.mm_dtype == torch.float32:
+                return torch.addmm(self.head_b, feat, self.head_w.t(), out=out)
+            return out.copy_(torch.mm(feat.to(self.mm_dtype), self.head_w.t())).add_(self.head_b)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mm_dtype == torch.bfloat16):
+            logp = self.adaptive.log_prob(feat.float())
+        logp = logp.float()
+        logp[:, self.banned] = float("-inf")
+        if self.fold:
+            logp.div_(self.params.temperature)
+        n = -(-self.vocab // self.width)
+        if n * self.width > self.vocab:
+            logp = F.pad(logp, (0, n * self.width - self.vocab), value=float("-inf"))
+        return logp
+
+    def _read(self, prompts: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """State after `<bos>` + each prompt, rows in the given order (prompts read once:
+        equal prompts share the work)."""
+        unique: dict[tuple[int, ...], int] = {}
+        which = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
+        seqs = [[self.tok.bos_id, *p] for p in unique]
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # longest first
+        lens = torch.tensor([len(seqs[i]) for i in order])
+        n_unique = len(seqs)
+        width = int(lens[0])
+        grid = torch.full((n_unique, width), self.pad, dtype=torch.long)
+        for r, i in enumerate(order):
+            grid[r, : len(seqs[i])] = torch.tensor(seqs[i])
+        grid = grid.to(self.device)
+        rows = self._rows(n_unique)
+        zeros = torch.zeros(rows, self.hidden, device=self.device)
+        hs = [zeros.clone() for _ in self.layers]
+        cs = [zeros.clone() for _ in self.layers]
+        if rows > n_unique:
+            grid = torch.cat([grid, grid.new_full((rows - n_unique, width), self.pad)])
+        for t in range(width):
+            live = int((lens > t).sum())  # rows still reading: a prefix (longest first)
+            m = self._rows(live)
+            h2, c2 = self._step(grid[:m, t], [h[:m] for h in hs], [c[:m] for c in cs])
+            for layer in range(len(self.layers)):
+                hs[layer][:live] = h2[layer][:live]
+                cs[layer][:live] = c2[layer][:live]
+        back = torch.empty(n_unique, dtype=torch.long)
+        back[torch.tensor(order)] = torch.arange(n_unique)
+        take = self._pad_index(back[torch.tensor(which)].to(self.device))
+        return [h[take] for h in hs], [c[take] for c in cs]
+
+    def _pad_index(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = self._rows(len(idx))
+        if rows > len(idx):
+            idx = torch.cat([idx, idx[:1].expand(rows - len(idx))])
+        return idx
+
+    # -- the loop -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], uniforms: np.ndarray | torch.Tensor) -> list[Completion]:
+        """Complete each prompt (token ids, `<bos>` not included) with up to max_new_tokens
+        tokens; uniforms: (len(prompts), >= max_new_tokens), row i's draws."""
+        n, steps = len(prompts), self.params.max_new_tokens
+        if n == 0:
+            return []
+        if steps == 0:
+            return [Completion([], "length") for _ in prompts]
+        u_all = torch.as_tensor(np.asarray(uniforms)[:, :steps], dtype=torch.float64)
+        if u_all.shape != (n, steps):
+            raise ValueError(f"uniforms must be ({n}, >= {steps}); got {tuple(np.shape(uniforms))}")
+        u_all = u_all.to(self.device)
+        hs, cs = self._read(prompts)
+        out = torch.zeros(n, steps, dtype=torch.long, device=self.device)
+        ends = torch.full((n,), steps, dtype=torch.long, device=self.device)  # eos position
+        alive = torch.arange(n, device=self.device)  # original row of each live state row
+        for t in range(steps):
+            m = len(alive)
+            logits = self._logits(hs[-1])[:m]
+            nxt = pick_tokens(logits, u_all[alive, t], self.params, self.width)
+            out[alive, t] = nxt
+            stop = nxt == self.eos
+            if bool(stop.any()):
+                ends[alive[stop]] = t
+                keep = (~stop).nonzero().squeeze(1)
+                alive, nxt = alive[keep], nxt[keep]
+                if len(alive) == 0:
+                    break
+                take = self._pad_index(keep)
+                hs = [h[take] for h in hs]
+                cs = [c[take] for c in cs]
+            if t == steps - 1:
+                break
+            hs, cs = self._step(self._pad_index_tokens(nxt), hs, cs)
+        out_l, ends_l = out.cpu().tolist(), ends.cpu().tolist()
+        return [Completion(row[:end], "eos" if end < steps else "length")
+                for row, end in zip(out_l, ends_l, strict=True)]
+
+    def _pad_index_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = self._rows(len(tokens))
+        if rows > len(tokens):
+            tokens = torch.cat([tokens, tokens.new_full((rows - len(tokens),), self.pad)])
+        return tokens
 
 
 @torch.no_grad()
 def generate_batch(model: LSTMLM, tok: WordTokenizer, prompts: list[list[int]],
-                   generators: list[torch.Generator], params: SamplingParams,
-                   device: torch.device | str = "cpu") -> list[Completion]:
-    """Complete each prompt (ids, `<bos>` not included) with up to max_new_tokens tokens."""
-    n = len(prompts)
-    rows = [[tok.bos_id, *p] for p in prompts]
-    lengths = torch.tensor([len(r) for r in rows])
-    padded = torch.full((n, int(lengths.max())), tok.pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        padded[i, : len(r)] = torch.tensor(r)
-    uniforms = torch.stack([torch.rand(max(params.max_new_tokens, 1), generator=g, dtype=torch.float64)
-                            for g in generators]).float()
-    banned = [tok.unk_id, tok.pad_id, tok.bos_id]
-
-    # Read every prompt once; the packed call leaves each row's state at its own last token.
-    emb = model.embedding(padded.to(device))
-    packed = pack_padded_sequence(emb, lengths, batch_first=True, enforce_sorted=False)
-    out, state = model.lstm(packed)
-    out, _ = pad_packed_sequence(out, batch_first=True)
-    last = out[torch.arange(n), lengths - 1].unsqueeze(1)
-    if model.proj is not None:
-        last = model.proj(last)
-    logits = model.head(last)[:, -1]
-
-    new: list[list[int]] = [[] for _ in range(n)]
-    finished = [False] * n
-    reason = ["length"] * n
-    for t in range(params.max_new_tokens):
-        nxt = sample_next(logits, uniforms[:, t].to(logits.device), params, banned).cpu()
-        for i in range(n):
-            if finished[i]:
-                continue
-            token = int(nxt[i])
-            if token == tok.eos_id:
-                finished[i], reason[i] = True, "eos"
-            else:
-                new[i].append(token)
-        if all(finished) or t == params.max_new_tokens - 1:
-            break
-        out = model(nxt.view(n, 1).to(device), state)
-        logits, state = out.logits[:, -1], out.state
-    return [Completion(ids, r) for ids, r in zip(new, reason, strict=True)]
-
-
-def row_generator(seed: int, prompt_index: int, sample_index: int = 0) -> torch.Generator:
-    """A generator owned by one (prompt, sample): the same draws in any batch or shard."""
-    g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + prompt_index) * 1_000_003 + sample_index)
-    return g
+                   generators: Sequence, params: SamplingParams,
+                   device: torch.device | str = "cpu", precision: str = "fp32") -> list[Completion]:
+    """Complete each prompt (ids, `<bos>` not included) with up to max_new_tokens tokens;
+    generators: one RowStream (row_generator) or seeded torch.Generator per prompt."""
+    decoder = Decoder(model, tok, params, device, precision)
+    return decoder.generate(prompts, _uniforms_from(generators, max(params.max_new_tokens, 1)))
 
 
 def run_generate(cfg, prompt_texts: list[str] | None = None) -> list[str]:
@@ -126,12 +480,18 @@ def run_generate(cfg, prompt_texts: list[str] | None = None) -> list[str]:
     params = SamplingParams(g.temperature, g.top_k, g.top_p, g.max_new_tokens)
     texts = list(prompt_texts or [])
     if not texts and g.prompts:
-        from pathlib import Path
+        from lmcore.prompts import open_prompts
 
-        texts = [line.rstrip("\n") for line in Path(g.prompts).read_text(encoding="utf-8").splitlines()]
+        texts = [r.text for r in open_prompts(g.prompts).records()]
     if not texts:
         texts = [""] * g.num_samples
     prompts = [tok.encode(t) for t in texts]
     gens = [row_generator(g.seed, i) for i in range(len(prompts))]
-    done = generate_batch(model, tok, prompts, gens, params)
+    precision = g.precision if g.precision != "auto" else auto_precision("cpu")
+    done = generate_batch(model, tok, prompts, gens, params, precision=precision)
     return [f"{t} >>> {tok.decode(c.token_ids)}".strip() for t, c in zip(texts, done, strict=True)]
+
+
+__all__ = ["SamplingParams", "Completion", "Decoder", "generate_batch", "sample_next", "pick_tokens",
+           "row_key", "row_uniforms", "row_generator", "RowStream", "auto_precision", "run_generate",
+           "MIN_ROWS"]

@@ -1,22 +1,50 @@
-"""Sampling: stateful, batched, deterministic per row, never a banned token."""
+"""Sampling: stateful, batched, deterministic per row, never a banned token, the right
+distribution (plain, top-k, top-p), and a row's output independent of its batch."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
 from lmcore.config import ModelConfig
-from lmcore.generate import SamplingParams, generate_batch, row_generator, sample_next
+from lmcore.generate import (
+    CHUNK,
+    Decoder,
+    SamplingParams,
+    generate_batch,
+    row_generator,
+    row_key,
+    row_uniforms,
+    sample_next,
+)
 from lmcore.model import LSTMLM
 from lmcore.tokenizer import WordTokenizer
 
 TOK = WordTokenizer([f"w{i}" for i in range(40)])
 
 
-def model() -> LSTMLM:
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small workloads: one thread is faster (and OpenMP barriers on a busy machine are slow).
+    Results do not depend on the thread count (test_generate_job runs subprocesses with more)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+BANNED = [TOK.unk_id, TOK.pad_id, TOK.bos_id]
+
+
+def model(tok: WordTokenizer = TOK, **cfg) -> LSTMLM:
     torch.manual_seed(0)
-    m = LSTMLM(len(TOK), ModelConfig(embedding_dim=8, hidden_dim=16), TOK.pad_id).eval()
+    arch = {"embedding_dim": 8, "hidden_dim": 16, **cfg}
+    m = LSTMLM(len(tok), ModelConfig(**arch), tok.pad_id).eval()
     with torch.no_grad():  # make the banned tokens the most likely: masking must still hold
-        m.head.bias[[TOK.unk_id, TOK.pad_id, TOK.bos_id]] += 10.0
+        if m.adaptive is None:
+            m.head.bias[[tok.unk_id, tok.pad_id, tok.bos_id]] += 10.0
+        else:
+            m.adaptive.head.bias = torch.nn.Parameter(torch.zeros(m.adaptive.head.out_features))
+            m.adaptive.head.bias[[tok.unk_id, tok.pad_id, tok.bos_id]] += 10.0
     return m
 
 
@@ -28,7 +56,7 @@ def test_greedy_is_argmax_of_a_full_prefix_rerun():
     expected = []
     for _ in range(8):  # the notebook's way: re-run everything, take the best allowed token
         logits = m(torch.tensor([ids])).logits[0, -1]
-        logits[[TOK.unk_id, TOK.pad_id, TOK.bos_id]] = float("-inf")
+        logits[BANNED] = float("-inf")
         nxt = int(logits.argmax())
         if nxt == TOK.eos_id:
             break
@@ -44,11 +72,12 @@ def test_top_k_1_equals_greedy_and_banned_tokens_never_appear():
     greedy = generate_batch(m, TOK, prompts, gens(), SamplingParams(0.0, max_new_tokens=10))
     top1 = generate_batch(m, TOK, prompts, gens(), SamplingParams(1.5, top_k=1, max_new_tokens=10))
     assert [c.token_ids for c in greedy] == [c.token_ids for c in top1]
-    sampled = generate_batch(m, TOK, prompts * 20, [row_generator(2, i) for i in range(120)],
-                             SamplingParams(2.0, max_new_tokens=20))
-    seen = {t for c in sampled for t in c.token_ids}
-    assert not seen & {TOK.unk_id, TOK.pad_id, TOK.bos_id}
-    assert len(seen) > 10  # it did sample, not collapse
+    for params in (SamplingParams(2.0, max_new_tokens=20), SamplingParams(2.0, top_k=30, max_new_tokens=20),
+                   SamplingParams(2.0, top_p=0.95, max_new_tokens=20)):
+        sampled = generate_batch(m, TOK, prompts * 20, [row_generator(2, i) for i in range(120)], params)
+        seen = {t for c in sampled for t in c.token_ids}
+        assert not seen & set(BANNED)
+        assert len(seen) > 10  # it did sample, not collapse
 
 
 def test_a_rows_output_does_not_depend_on_its_batch():
@@ -61,8 +90,130 @@ def test_a_rows_output_does_not_depend_on_its_batch():
     assert {c.finish_reason for c in together} <= {"eos", "length"}
 
 
+BIG = WordTokenizer([f"w{i}" for i in range(3 * CHUNK + 100)])  # several sampling chunks
+
+
+@pytest.mark.parametrize(("arch", "precision"), [
+    ({}, "fp32"), ({}, "bf16"), ({"num_layers": 2, "tie_weights": True}, "fp32"),
+    ({"softmax": "adaptive", "adaptive_cutoffs": [500, 3000]}, "fp32")],
+    ids=["plain", "plain-bf16", "2-layer-tied-proj", "adaptive"])
+def test_bit_identical_whatever_the_batching(arch, precision):
+    """The same rows alone, in batches of 5 and all 20 at once, shuffled: the same tokens,
+    bit for bit (matmuls of 1 row would take another kernel: the decoder pads to 16)."""
+    m = model(BIG, **arch)
+    rng = np.random.default_rng(0)
+    n, steps = 20, 6
+    prompts = [rng.integers(4, len(BIG), size=int(rng.integers(0, 9))).tolist() for _ in range(n)]
+    modes = [SamplingParams(1.0, max_new_tokens=steps), SamplingParams(0.0, max_new_tokens=steps),
+             SamplingParams(0.7, top_k=40, max_new_tokens=steps),
+             SamplingParams(1.3, top_p=0.8, max_new_tokens=steps)]
+    for params in modes:
+        dec = Decoder(m, BIG, params, precision=precision)
+        u = row_uniforms([row_key(3, i) for i in range(n)], steps)
+        whole = [c.token_ids for c in dec.generate(prompts, u)]
+        for size in (1, 5):
+            order = rng.permutation(n)
+            got = {}
+            for s in range(0, n, size):
+                part = order[s:s + size]
+                for i, c in zip(part, dec.generate([prompts[i] for i in part], u[part]), strict=True):
+                    got[int(i)] = c.token_ids
+            assert [got[i] for i in range(n)] == whole, (params, size)
+        assert not {t for row in whole for t in row} & set(BANNED)
+
+
+@pytest.mark.parametrize("arch", [{}, {"num_layers": 2, "tie_weights": True},
+                                  {"softmax": "adaptive", "adaptive_cutoffs": [500, 3000]}],
+                         ids=["plain", "2-layer-tied-proj", "adaptive"])
+def test_the_decoders_lstm_and_output_layer_are_the_models(arch):
+    """The decoder's own LSTM cell and output layer give LSTMLM.forward's logits (to float
+    rounding), after each prompt and after feeding a token."""
+    m = model(BIG, **arch)
+    dec = Decoder(m, BIG, SamplingParams(1.0))
+    prompts = [[5, 9, 300], [7], [], [6000, 1, 2, 3, 4]]
+    hs, cs = dec._read(prompts)
+    got = dec._logits(hs[-1])[: len(prompts), : len(BIG)].clone()  # the decoder reuses its buffer
+    nxt = torch.tensor([11, 12, 13, 14])
+    hs2, _ = dec._step(dec._pad_index_tokens(nxt), hs, cs)
+    got2 = dec._logits(hs2[-1])[: len(prompts), : len(BIG)]
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            want = m(torch.tensor([[BIG.bos_id, *p, int(nxt[i])]])).logits[0]
+        for have, w in ((got[i], want[-2]), (got2[i], want[-1])):
+            w = w.clone()
+            w[BANNED] = float("-inf")
+            if arch.get("softmax") == "adaptive":  # log-probabilities, up to a constant per row
+                have, w = torch.log_softmax(have, 0), torch.log_softmax(w, 0)
+            torch.testing.assert_close(have, w, rtol=1e-4, atol=1e-4)
+
+
+def _reference_probs(logits: torch.Tensor, params: SamplingParams) -> np.ndarray:
+    """The textbook distribution (float64, full sort): temperature, top-k, then top-p."""
+    x = logits.double().clone()
+    x[BANNED] = float("-inf")
+    x = x / params.temperature
+    if params.top_k:
+        kth = torch.topk(x, params.top_k).values[-1]
+        x[x < kth] = float("-inf")
+    p = torch.softmax(x, 0)
+    if params.top_p < 1:
+        sp, order = p.sort(descending=True)
+        before = sp.cumsum(0) - sp
+        drop = order[before >= params.top_p]
+        p[drop] = 0
+        p = p / p.sum()
+    return p.numpy()
+
+
+DISTRIBUTIONS = {
+    "T1": SamplingParams(1.0), "T0.5": SamplingParams(0.5), "top-k": SamplingParams(1.0, top_k=50),
+    "top-p": SamplingParams(1.0, top_p=0.9), "T0.3-top-p": SamplingParams(0.3, top_p=0.5),
+    "flat-top-p-full-sort": SamplingParams(5.0, top_p=0.99),
+    "top-k+p": SamplingParams(1.0, top_k=200, top_p=0.7),
+}
+
+
+@pytest.mark.parametrize("params", DISTRIBUTIONS.values(), ids=list(DISTRIBUTIONS))
+def test_inverse_cdf_gives_the_right_distribution(params):
+    """Evenly spaced uniforms (i + 0.5) / N hit token j about N * p_j times: the exact
+    distribution, checked to within a few counts per token, over several chunks."""
+    torch.manual_seed(1)
+    vocab = 3 * CHUNK + 77
+    logits = torch.randn(vocab) * 3
+    logits[5000] = 9.0  # a peak in a later chunk
+    n = 6000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    picks = sample_next(logits.expand(n, vocab), u, params, BANNED)
+    counts = np.bincount(picks.numpy(), minlength=vocab)
+    p = _reference_probs(logits, params)
+    assert counts[BANNED].sum() == 0
+    assert counts[p == 0].sum() == 0  # nothing outside the top-k / nucleus
+    assert np.abs(counts - n * p).max() <= 3
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([[0.0001, 0.0001, 0.0001, 0.0001, 0.5, 0.3, 0.2]]))
     picks = {int(sample_next(logits.clone(), torch.tensor([u]), SamplingParams(1.0, top_p=0.75), [0, 1, 2]))
              for u in torch.linspace(0, 0.999, 200).tolist()}
     assert picks == {4, 5}
+
+
+def test_row_streams_are_splitmix64_keyed_by_seed_id_and_sample():
+    # splitmix64 from state 0: first output 0xE220A8397B1DCDAF (the published test value)
+    assert row_uniforms([0], 1)[0, 0] == (0xE220A8397B1DCDAF >> 11) / 2**53
+    keys = {row_key(0, 7), row_key(0, "7"), row_key(0, 7, 1), row_key(1, 7)}
+    assert len(keys) == 4  # ids 7 and "7" differ, so do samples and seeds
+    u = row_uniforms([row_key(0, i) for i in range(1000)], 50)
+    assert u.min() >= 0 and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+    assert np.array_equal(row_generator(0, 3).uniforms(50), u[3])
+
+
+def test_eos_ends_a_row_and_is_not_part_of_the_completion():
+    m = model()
+    with torch.no_grad():
+        m.head.bias[TOK.eos_id] += 30.0  # eos first, always
+    out = generate_batch(m, TOK, [[4], [5, 6]], [row_generator(0, i) for i in range(2)],
+                         SamplingParams(1.0, max_new_tokens=5))
+    assert [(c.token_ids, c.finish_reason) for c in out] == [([], "eos"), ([], "eos")]
+    full = generate_batch(m, TOK, [[4]], [row_generator(0, 0)], SamplingParams(1.0, max_new_tokens=0))
+    assert full[0].finish_reason == "length" and full[0].token_ids == []

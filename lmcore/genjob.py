@@ -1,0 +1,542 @@
+"""The bulk generation job: sharded over SLURM array tasks and DDP ranks, resumable, merged.
+
+    OUTPUT_DIR/
+      params.json              what the folder holds: checkpoint, prompts file, sampling
+                               parameters, chunk size, precision; checked on every start
+      rejects.jsonl            bad prompt lines (generate.bad_lines=skip)
+      chunks/chunk-00000012.jsonl   the completions of input lines 12*C .. 13*C-1
+      generations.jsonl        the merged output, in input order   (after the merge)
+      manifest.json            counts, checksums, parameters       (after the merge)
+
+Work is cut into chunks of `generate.chunk_size` input lines. Chunk c belongs to shard
+c % num_shards (SLURM array task), and within the shard the j-th chunk goes to rank
+j % world_size (DDP). A chunk file is written atomically once all its completions exist,
+so a chunk file present means done: a rerun (requeue, crash, SIGKILL) skips those and
+does the rest, and so does a rerun with another number of shards or ranks. Since every
+(prompt id, sample) draws from its own random stream and rows do not influence each
+other, the merged file is the same bytes however the work was split (see
+lmcore/generate.py for what that rests on).
+
+Errors in the input (a malformed line, a missing field, a duplicate id, parameters that
+differ from what the folder holds) stop the job before any work, on every process alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmcore import checkpoint as ckpt_io
+from lmcore.errors import ConfigError, LmcoreError
+from lmcore.fileio import atomic_write, atomic_write_bytes, atomic_write_json, fsync_dir
+from lmcore.generate import Decoder, SamplingParams, auto_precision, row_key, row_uniforms
+from lmcore.prompts import PromptRecord, PromptSource, ScanResult
+
+FORMAT = "lmcore-generations"
+VERSION = 1
+PARAMS_FILE = "params.json"
+MANIFEST_FILE = "manifest.json"
+MERGED_FILE = "generations.jsonl"
+REJECTS_FILE = "rejects.jsonl"
+CHUNKS_DIR = "chunks"
+LOG_EVERY_S = 30.0  # plain progress lines (log files) at most this often
+SAMPLE_TABLE_ROWS = 20
+
+
+class GenerationError(LmcoreError):
+    pass
+
+
+# -- where this process stands ---------------------------------------------------------------
+def resolve_shard(num_shards: int, shard_index: int, env: dict[str, str] | None = None) -> tuple[int, int]:
+    """(shard, number of shards): explicit values, else the SLURM array task, else (0, 1)."""
+    env = os.environ if env is None else env
+
+    def env_int(name: str, default: int) -> int:
+        try:
+            return int(env.get(name, "") or default)
+        except ValueError:
+            return default
+
+    in_array = "SLURM_ARRAY_TASK_ID" in env
+    n = num_shards or (env_int("SLURM_ARRAY_TASK_COUNT", 1) if in_array else 1)
+    s = shard_index
+    if s < 0:
+        if in_array:
+            first = env_int("SLURM_ARRAY_TASK_MIN", 0)
+            step = max(env_int("SLURM_ARRAY_TASK_STEP", 1), 1)
+            s = (env_int("SLURM_ARRAY_TASK_ID", 0) - first) // step
+        else:
+            s = 0
+    if not 0 <= s < n:
+        raise ConfigError(f"generate.shard_index {s} is out of range for {n} shards (0 .. {n - 1}); "
+                          "set generate.num_shards to the array size")
+    return s, n
+
+
+def chunk_name(c: int) -> str:
+    return f"chunk-{c:08d}.jsonl"
+
+
+def chunk_path(out: Path, c: int) -> Path:
+    return out / CHUNKS_DIR / chunk_name(c)
+
+
+def done_chunks(out: Path) -> set[int]:
+    folder = out / CHUNKS_DIR
+    if not folder.is_dir():
+        return set()
+    found = set()
+    for p in folder.iterdir():
+        name = p.name
+        if name.startswith("chunk-") and name.endswith(".jsonl"):
+            with contextlib.suppress(ValueError):
+                found.add(int(name[6:-6]))
+    return found
+
+
+# -- the folder's parameters -----------------------------------------------------------------
+def checkpoint_info(ckpt: Path) -> dict[str, Any]:
+    manifest = ckpt_io.read_manifest(ckpt)
+    return {"path": str(ckpt), "step": manifest.get("step"),
+            "model_sha256": manifest["files"]["model.safetensors"]["sha256"],
+            "tokenizer_fingerprint": manifest["tokenizer_fingerprint"],
+            "architecture": manifest.get("architecture")}
+
+
+def sampling_dict(g) -> dict[str, Any]:
+    return {"temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p,
+            "max_new_tokens": g.max_new_tokens, "samples_per_prompt": g.samples_per_prompt, "seed": g.seed}
+
+
+def job_params(cfg, ckpt: dict, source: PromptSource, scan: ScanResult, precision: str) -> dict[str, Any]:
+    g = cfg.generate
+    prompts = {"source": source.describe(), **scan.describe(), "chunks": len(scan.chunk_records)}
+    return {"format": FORMAT, "version": VERSION, "checkpoint": ckpt, "prompts": prompts,
+            "sampling": sampling_dict(g), "chunk_size": g.chunk_size, "precision": precision}
+
+
+# What must agree for two runs to share a folder (paths may differ: files move).
+_CHECKED = [
+    ("format", ("format",)), ("version", ("version",)),
+    ("checkpoint (sha256 of model.safetensors)", ("checkpoint", "model_sha256")),
+    ("tokenizer", ("checkpoint", "tokenizer_fingerprint")),
+    ("prompts (kind)", ("prompts", "kind")), ("prompts (sha256 of the file)", ("prompts", "sha256")),
+    ("prompts (lines or num_samples)", ("prompts", "lines")),
+    ("prompts (valid records)", ("prompts", "records")),
+    *[(f"generate.{k}", ("sampling", k)) for k in
+      ("temperature", "top_k", "top_p", "max_new_tokens", "samples_per_prompt", "seed")],
+    ("generate.chunk_size", ("chunk_size",)), ("precision", ("precision",)),
+]
+
+
+def params_diff(theirs: dict, ours: dict) -> list[str]:
+    def get(d: dict, path: tuple[str, ...]) -> Any:
+        for k in path:
+            d = d.get(k) if isinstance(d, dict) else None
+        return d
+
+    return [f"{name}: folder {get(theirs, path)!r}, now {get(ours, path)!r}"
+            for name, path in _CHECKED if get(theirs, path) != get(ours, path)]
+
+
+def read_params(out: Path, wait_s: float = 5.0) -> dict | None:
+    path = out / PARAMS_FILE
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError) as e:  # being written by a process without hard links
+            if time.monotonic() > deadline:
+                raise GenerationError(f"{path} is unreadable ({e}); delete it only if the folder is "
+                                      "empty of chunks, or use a new generate.output_dir") from None
+            time.sleep(0.2)
+
+
+def claim_params(out: Path, params: dict) -> None:
+    """Create params.json if absent (exactly one creator wins), else require agreement."""
+    path = out / PARAMS_FILE
+    existing = read_params(out)
+    if existing is None:
+        if done_chunks(out):
+            raise GenerationError(f"output folder {out} holds chunk files but no {PARAMS_FILE}; "
+                                  "use a new generate.output_dir")
+        out.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{PARAMS_FILE}.", suffix=".tmp", dir=out)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(params, indent=2, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            try:
+                os.link(tmp, path)  # fails if another process created it first
+            except FileExistsError:
+                pass
+            except OSError:  # no hard links here: exclusive create instead
+                with contextlib.suppress(FileExistsError), open(path, "x", encoding="utf-8") as f:
+                    f.write(Path(tmp).read_text(encoding="utf-8"))
+                    f.flush()
+                    os.fsync(f.fileno())
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        fsync_dir(out)
+        existing = read_params(out)
+    diff = params_diff(existing or {}, params)
+    if diff:
+        hint = ""
+        theirs = (existing or {}).get("checkpoint", {})
+        if theirs.get("model_sha256") != params["checkpoint"]["model_sha256"]:
+            hint = f" (the folder was made from checkpoint {theirs.get('path')}: pin generate.checkpoint)"
+        raise GenerationError(
+            f"output folder {out} holds generations made with other settings ({'; '.join(diff)}){hint}; "
+            "mixing them would make one file of two experiments: use a new generate.output_dir, or "
+            "the settings the folder was made with")
+
+
+def resolve_precision(setting: str, out: Path, device: torch.device) -> str:
+    """auto: what the folder already uses (outputs depend on it), else what is fast here."""
+    if setting != "auto":
+        return setting
+    existing = read_params(out)
+    if existing and existing.get("precision") in ("fp32", "bf16"):
+        return existing["precision"]
+    return auto_precision(device)
+
+
+# -- the shard ------------------------------------------------------------------------------
+def _scan(source: PromptSource, g) -> tuple[ScanResult, Path | None]:
+    """Check the whole input. With bad_lines=skip the bad lines are collected in a temp file
+    (returned), published as OUT/rejects.jsonl only once the folder's parameters agree."""
+    if g.bad_lines != "skip" or source.path is None:
+        return source.scan(g.chunk_size, g.bad_lines), None
+    fd, tmp = tempfile.mkstemp(prefix="lmcore-rejects-", suffix=".jsonl")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            def reject(lineno: int, why: str, raw: bytes) -> None:
+                text = raw.decode("utf-8", "replace").rstrip("\r\n")
+                f.write(json.dumps({"line": lineno, "error": why, "text": text}, ensure_ascii=False) + "\n")
+
+            result = source.scan(g.chunk_size, "skip", reject)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return result, Path(tmp)
+
+
+class _Peek:
+    def __init__(self, it: Iterator[PromptRecord]):
+        self.it, self.head = it, None
+
+    def take_chunk(self, c: int, size: int) -> list[PromptRecord]:
+        out = []
+        while True:
+            if self.head is None:
+                self.head = next(self.it, None)
+                if self.head is None:
+                    return out
+            if self.head.index // size != c:
+                return out
+            out.append(self.head)
+            self.head = None
+
+
+def _open_tracker(cfg, ckpt: Path, out: Path, enabled: bool):
+    """The W&B tracker (lmcore.tracking), or None: tracking never stops generation."""
+    if not enabled:
+        return None
+    try:
+        from lmcore.tracking import open_tracker
+
+        # The training run's folder (RUN/checkpoints/step_X -> RUN) links the runs in W&B.
+        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else out
+        return open_tracker(cfg, run_dir, "generate", enabled=True)
+    except Exception as e:  # a missing or broken tracking module
+        warnings.warn(f"tracking is off for this job ({type(e).__name__}: {e})", stacklevel=2)
+        return None
+
+
+def _track(tracker, method: str, *args) -> None:
+    if tracker is None:
+        return
+    with contextlib.suppress(Exception):
+        getattr(tracker, method)(*args)
+
+
+def generate_shard(cfg, stop_requested: Callable[[], bool] | None = None, progress: bool = True) -> dict:
+    """Generate this process's part of the job into generate.output_dir (skipping chunks
+    already written) and return counts; "stopped" is true when a stop request ended it
+    with work left (rerun the same command to finish)."""
+    from lmcore.checkpoint import load_for_inference
+    from lmcore.progress import Progress
+    from lmcore.runtime import all_sum, any_rank, make_accelerator
+
+    t_start = time.perf_counter()
+    stop_requested = stop_requested or (lambda: False)
+    g = cfg.generate
+    if not g.output_dir:
+        raise ConfigError("set generate.output_dir: the bulk generation job writes its files there")
+    if not g.prompts and g.num_samples == 0:
+        raise ConfigError("nothing to generate: set generate.prompts (a file) or generate.num_samples > 0")
+    if g.chunk_size <= 0:
+        raise ConfigError(f"config generate.chunk_size must be > 0; got {g.chunk_size}")
+    out = Path(g.output_dir)
+    shard, nshards = resolve_shard(g.num_shards, g.shard_index)
+    ckpt = ckpt_io.resolve(g.checkpoint or cfg.run.dir)
+    ckinfo = checkpoint_info(ckpt)
+    acc = make_accelerator(cfg)
+    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
+    source = PromptSource(g.prompts or None, g.num_samples)
+    scan, rejects = _scan(source, g)
+    try:
+        precision = resolve_precision(g.precision, out, acc.device)
+        params = job_params(cfg, ckinfo, source, scan, precision)
+        claim_params(out, params)
+        if rejects is not None and main:
+            atomic_write(out / REJECTS_FILE, lambda tmp: shutil.copyfile(rejects, tmp))
+    finally:
+        if rejects is not None:
+            rejects.unlink(missing_ok=True)
+
+    model, tok, _ = load_for_inference(ckpt, acc.device)
+    sampling = SamplingParams(g.temperature, g.top_k, g.top_p, g.max_new_tokens)
+    fixed_rows = g.batch_size if acc.device.type == "cuda" else 0  # same kernels every step
+    decoder: Decoder | None = None  # laid out on first use: a finished job's rerun needs none
+    row_params = {k: v for k, v in sampling_dict(g).items() if k != "samples_per_prompt"}
+
+    cs, sp = g.chunk_size, g.samples_per_prompt
+    total_chunks = len(scan.chunk_records)
+    shard_chunks = list(range(shard, total_chunks, nshards))
+    already = done_chunks(out)
+    mine = [c for j, c in enumerate(shard_chunks) if j % world == rank]
+    todo = [c for c in mine if c not in already]
+    todo_set = set(todo)
+    stream = _Peek(source.records(lambda i: i // cs in todo_set, scan.skip))
+
+    rows_todo = sum(scan.chunk_records[c] for c in todo) * sp
+    bar = Progress(rows_todo, enabled=main and progress, desc="generate", unit="row")
+    bar.write(f"{source.describe()}: {scan.records} prompts x {sp} samples in {total_chunks} chunks; shard "
+              f"{shard} of 0..{nshards - 1}: {len([c for c in shard_chunks if c in already])} of its "
+              f"{len(shard_chunks)} chunks already done; world size {world}, device {acc.device}, "
+              f"precision {precision}")
+    tracker = _open_tracker(cfg, ckpt, out, main)
+    samples_table: list[list] = []
+    counts = {"rows": 0, "new_tokens": 0, "chunks": 0}
+    gen_seconds = 0.0
+    last_log = time.monotonic()
+    abandoned = False
+
+    def run_chunk(c: int, records: list[PromptRecord]) -> bool:
+        """Generate and write one chunk; False if a stop request cut it short."""
+        nonlocal gen_seconds, last_log, decoder
+        if decoder is None:
+            decoder = Decoder(model, tok, sampling, acc.device, precision, fixed_rows)
+        encoded = [tok.encode(r.text) for r in records]
+        rows = [(i, s) for i in range(len(records)) for s in range(sp)]
+        order = sorted(range(len(rows)), key=lambda k: -len(encoded[rows[k][0]]))  # length-aware
+        results: list = [None] * len(rows)
+        for b in range(0, len(order), g.batch_size):
+            batch = order[b:b + g.batch_size]
+            keys = [row_key(g.seed, records[rows[k][0]].id, rows[k][1]) for k in batch]
+            t0 = time.perf_counter()
+            prompts = [encoded[rows[k][0]] for k in batch]
+            done = decoder.generate(prompts, row_uniforms(keys, g.max_new_tokens))
+            dt = time.perf_counter() - t0
+            gen_seconds += dt
+            new = sum(len(d.token_ids) for d in done)
+            for k, d in zip(batch, done, strict=True):
+                results[k] = d
+            counts["rows"] += len(batch)
+            counts["new_tokens"] += new
+            now = time.monotonic()
+            speed = counts["new_tokens"] / max(gen_seconds, 1e-9)
+            if bar.bar is not None:
+                bar.update(len(batch), {"tok/s": speed}, log_line=True)
+            else:
+                bar.n += len(batch)
+                if now - last_log >= LOG_EVERY_S:
+                    last_log = now
+                    bar.write(f"{bar.n}/{bar.total} rows, {speed:.0f} new tokens/s")
+            if stop_requested():
+                return False
+        lines = []
+        unk = tok.unk_id
+        for k, (i, s) in enumerate(rows):
+            rec, ids, d = records[i], encoded[i], results[k]
+            row = {"id": rec.id, "index": rec.index, "sample": s, "prompt": rec.text,
+                   "completion": tok.decode(d.token_ids), "num_tokens": len(d.token_ids),
+                   "finish_reason": d.finish_reason, "prompt_tokens": len(ids),
+                   "prompt_unknown": sum(1 for t in ids if t == unk), "params": row_params}
+            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+            if len(samples_table) < SAMPLE_TABLE_ROWS:
+                samples_table.append([str(rec.id), s, rec.text, row["completion"], d.finish_reason])
+        atomic_write_bytes(chunk_path(out, c), "".join(lines).encode("utf-8"))
+        counts["chunks"] += 1
+        _track(tracker, "log", counts["rows"], {
+            "generate/new_tokens_per_s": counts["new_tokens"] / max(gen_seconds, 1e-9),
+            "generate/rows": counts["rows"], "generate/new_tokens": counts["new_tokens"],
+            "generate/chunks_written": counts["chunks"]})
+        if bar.bar is None and main and progress:
+            bar.write(f"chunk {c} written ({bar.n}/{bar.total} rows)")
+        return True
+
+    rounds = -(-len(shard_chunks) // world)
+    for k in range(rounds):
+        j = k * world + rank
+        c = shard_chunks[j] if j < len(shard_chunks) else None
+        if c is not None and c in todo_set and not abandoned:
+            records = stream.take_chunk(c, cs)
+            abandoned = not run_chunk(c, records)
+        if any_rank(acc, abandoned or stop_requested()):
+            break
+    bar.close()
+    acc.wait_for_everyone()
+    rows, new_tokens, chunks, secs = all_sum(acc, [counts["rows"], counts["new_tokens"], counts["chunks"],
+                                                   gen_seconds])
+    present = done_chunks(out)
+    acc.end_training()  # frees the process group: a rank may exit while rank 0 still merges
+    shard_left = [c for c in shard_chunks if c not in present]
+    result = {
+        "output_dir": str(out), "shard": shard, "num_shards": nshards, "world_size": world, "rank": rank,
+        "chunks_total": total_chunks, "shard_chunks": len(shard_chunks),
+        "chunks_done_before": len([c for c in shard_chunks if c in already]), "chunks_written": int(chunks),
+        "rows": int(rows), "new_tokens": int(new_tokens),
+        "new_tokens_per_s": round(new_tokens / secs, 1) if secs else 0.0,
+        "seconds": round(time.perf_counter() - t_start, 2), "precision": precision, "device": str(acc.device),
+        "prompts": scan.records, "rejected_lines": scan.rejected,
+        "stopped": bool(shard_left), "shard_complete": not shard_left,
+        "complete": len(present) >= total_chunks and all(c in present for c in range(total_chunks)),
+    }
+    _track(tracker, "summary", {f"generate/{k}": v for k, v in result.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if samples_table:
+        columns = ["id", "sample", "prompt", "completion", "finish_reason"]
+        _track(tracker, "table", "generate/samples", columns, samples_table)
+    _track(tracker, "finish", 0)
+    return result
+
+
+# -- merging --------------------------------------------------------------------------------
+def merge_outputs(cfg) -> dict:
+    """Check that every chunk is there and consistent, write OUT/generations.jsonl (input
+    order) and OUT/manifest.json; return the manifest."""
+    g = cfg.generate
+    if not g.output_dir:
+        raise ConfigError("set generate.output_dir to the folder to merge")
+    out = Path(g.output_dir)
+    params = read_params(out)
+    if params is None:
+        raise GenerationError(f"no generations in {out} (no {PARAMS_FILE}); run the generate job first")
+    cs = params["chunk_size"]
+    sp = params["sampling"]["samples_per_prompt"]
+    total = params["prompts"]["chunks"]
+    present = done_chunks(out)
+    missing = [c for c in range(total) if c not in present]
+    if missing:
+        shown = ", ".join(str(c) for c in missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise GenerationError(f"{out}: {len(missing)} of {total} chunks are not written yet (chunks {shown}; "
+                              f"chunk c holds input lines c*{cs} .. (c+1)*{cs}-1); rerun the generate job "
+                              "for the shards that did not finish, then merge")
+    counts = {"prompts": 0, "rows": 0, "new_tokens": 0, "finish_eos": 0, "finish_length": 0,
+              "empty_prompts": 0, "unknown_only_prompts": 0}
+    sha = hashlib.sha256()
+    size = 0
+
+    def write(tmp: str) -> None:
+        nonlocal size
+        with open(tmp, "wb") as f:
+            for c in range(total):
+                path = chunk_path(out, c)
+                last = (-1, sp - 1)
+                with open(path, "rb") as src:
+                    for n, raw in enumerate(src, 1):
+                        try:
+                            row = json.loads(raw)
+                            key = (row["index"], row["sample"])
+                            reason = row["finish_reason"]
+                        except (ValueError, KeyError, TypeError):
+                            raise GenerationError(f"{path}:{n}: not a generation row; delete the chunk "
+                                                  "file and rerun the generate job") from None
+                        if last[1] < sp - 1:  # the next sample of the same prompt
+                            ok = key == (last[0], last[1] + 1)
+                        else:  # the first sample of a later prompt of this chunk
+                            ok = key[1] == 0 and key[0] > last[0] and key[0] // cs == c
+                        if not ok:
+                            raise GenerationError(f"{path}:{n}: row (index {key[0]}, sample {key[1]}) is out "
+                                                  "of place (duplicate, missing or foreign row); delete the "
+                                                  "chunk file and rerun the generate job")
+                        last = key
+                        counts["rows"] += 1
+                        counts["new_tokens"] += row["num_tokens"]
+                        counts["finish_eos" if reason == "eos" else "finish_length"] += 1
+                        if key[1] == 0:
+                            counts["prompts"] += 1
+                            counts["empty_prompts"] += row["prompt_tokens"] == 0
+                            only_unknown = 0 < row["prompt_tokens"] == row["prompt_unknown"]
+                            counts["unknown_only_prompts"] += only_unknown
+                        sha.update(raw)
+                        size += len(raw)
+                        f.write(raw)
+                if last[1] != sp - 1:
+                    raise GenerationError(f"{path}: the last prompt has {last[1] + 1} of {sp} samples; "
+                                          "delete the chunk file and rerun the generate job")
+
+    atomic_write(out / MERGED_FILE, write)
+    expected = params["prompts"]["records"]
+    if counts["prompts"] != expected:
+        raise GenerationError(f"{out}: the chunks hold {counts['prompts']} prompts, the input has "
+                              f"{expected}; delete the chunks folder and rerun")
+    for p in (out / CHUNKS_DIR).glob(".chunk-*.tmp"):  # debris of killed writers
+        p.unlink(missing_ok=True)
+    files = {MERGED_FILE: {"sha256": sha.hexdigest(), "bytes": size, "rows": counts["rows"]}}
+    rejects = out / REJECTS_FILE
+    rejected = 0
+    if rejects.is_file():
+        data = rejects.read_bytes()
+        rejected = data.count(b"\n")
+        files[REJECTS_FILE] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                               "rows": rejected}
+    manifest = {
+        "format": FORMAT, "version": VERSION, "checkpoint": params["checkpoint"],
+        "prompts": params["prompts"], "sampling": params["sampling"], "precision": params["precision"],
+        "chunk_size": cs, "chunks": total,
+        "counts": {**counts, "rejected_lines": rejected}, "files": files,
+    }
+    atomic_write_json(out / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def cli_generate(cfg, merge: bool) -> int:
+    """`lmcore generate` with generate.output_dir (the bulk job) or --merge. Prints one JSON
+    line on rank 0; exit status 0, or STOPPED_EXIT (3) when a stop signal ended it early."""
+    from lmcore.preemption import STOPPED_EXIT, StopFlag
+
+    if merge:
+        manifest = merge_outputs(cfg)
+        out = Path(cfg.generate.output_dir)
+        print(json.dumps({"merged": str(out / MERGED_FILE), "manifest": str(out / MANIFEST_FILE),
+                          **manifest["counts"], "sha256": manifest["files"][MERGED_FILE]["sha256"]}))
+        return 0
+    with StopFlag() as stop:
+        result = generate_shard(cfg, stop_requested=stop)
+    if result["rank"] != 0:
+        return STOPPED_EXIT if result["stopped"] else 0
+    if result["complete"] and result["num_shards"] == 1:
+        manifest = merge_outputs(cfg)
+        result["merged"] = str(Path(cfg.generate.output_dir) / MERGED_FILE)
+        result["sha256"] = manifest["files"][MERGED_FILE]["sha256"]
+    print(json.dumps(result))
+    return STOPPED_EXIT if result["stopped"] else 0
