@@ -105,7 +105,7 @@ class GenerateConfig:
     top_p: float = 1.0
     max_new_tokens: int = 50
     seed: int = 0
-    batch_size: int = 256  # prompts per batch (length-aware batching within a chunk)
+    batch_size: int = 256  # rows (prompt x sample) per batch, length-aware within a chunk
     output_dir: str = ""  # bulk mode: JSONL shards + merged file + manifest here
     shard_index: int = -1  # this shard (-1: from SLURM_ARRAY_TASK_ID, else 0)
     num_shards: int = 0  # 0: from the SLURM array size, else 1
@@ -303,6 +303,7 @@ def validate(cfg: Config) -> None:
         "eval.batch_size": cfg.eval.batch_size,
         "eval.stride": cfg.eval.stride,
         "generate.batch_size": cfg.generate.batch_size,
+        "generate.chunk_size": cfg.generate.chunk_size,
         "generate.samples_per_prompt": cfg.generate.samples_per_prompt,
         "optim.lr": cfg.optim.lr,
     }
@@ -323,7 +324,6 @@ def validate(cfg: Config) -> None:
         "optim.weight_decay": cfg.optim.weight_decay,
         "generate.max_new_tokens": cfg.generate.max_new_tokens,
         "generate.num_samples": cfg.generate.num_samples,
-        "generate.chunk_size": cfg.generate.chunk_size,
         "generate.num_shards": cfg.generate.num_shards,
     }
     for name, v in non_negative.items():
