@@ -82,6 +82,7 @@ class TrainConfig:
     checkpoint_interval: int = 500
     keep_checkpoints: int = 3
     resume: Literal["auto", "never"] = "auto"  # auto: continue from the run folder's latest
+    nonfinite: Literal["error", "skip"] = "error"  # a NaN/inf loss: stop naming the step, or skip it
 
 
 @dataclass

@@ -27,6 +27,7 @@ from lmcore.evaluate import evaluate
 from lmcore.metrics import MetricsLog
 from lmcore.model import LSTMLM, detach_state
 from lmcore.progress import Progress
+from lmcore.runlock import RunLock
 from lmcore.runtime import all_sum, any_rank, make_accelerator
 from lmcore.tokenizer import WordTokenizer
 from lmcore.tracking import open_tracker
@@ -71,26 +72,38 @@ def make_batches(cfg: Config, split, tok: WordTokenizer, rank: int, world: int):
 def train(cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
           progress: bool = True) -> TrainResult:
     acc = make_accelerator(cfg)
-    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
+    main = acc.is_main_process
     run_dir = Path(cfg.run.dir)
-    resume_from = ckpt_io.latest_valid(run_dir) if cfg.train.resume == "auto" else None
 
     # Vocabulary and token ids: rank 0 builds the caches, the others then read them.
     with acc.main_process_first():
         tok = fit_tokenizer(cfg.data)  # cached: cheap, and it tells if the data changed
-        if resume_from is not None:
-            saved = WordTokenizer.load(resume_from / "tokenizer.json")
-            if saved.fingerprint != tok.fingerprint:
-                raise CheckpointError(
-                    f"checkpoint {resume_from} was trained with another vocabulary than data.source "
-                    f"{cfg.data.source} gives (tokenizer {saved.fingerprint} vs {tok.fingerprint}); "
-                    "point data.source at the run's data, or use a new run.dir"
-                )
         train_split = load_split(cfg.data, cfg.data.train_split, tok)
         val_split = None
         if cfg.data.val_split:
             full_val = load_split(cfg.data, cfg.data.val_split, tok)
             val_split = strided(full_val, cfg.data.val_stride, cfg.data.val_limit)
+    # One job per run folder (taken after the data checks, so bad input writes nothing).
+    lock = RunLock(run_dir).acquire() if main else None
+    try:
+        return _train(cfg, acc, run_dir, tok, train_split, val_split, stop_requested, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, acc, run_dir: Path, tok: WordTokenizer, train_split, val_split,
+           stop_requested: Callable[[], bool], progress: bool) -> TrainResult:
+    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
+    resume_from = ckpt_io.latest_valid(run_dir) if cfg.train.resume == "auto" else None
+    if resume_from is not None:
+        saved = WordTokenizer.load(resume_from / "tokenizer.json")
+        if saved.fingerprint != tok.fingerprint:
+            raise CheckpointError(
+                f"checkpoint {resume_from} was trained with another vocabulary than data.source "
+                f"{cfg.data.source} gives (tokenizer {saved.fingerprint} vs {tok.fingerprint}); "
+                "point data.source at the run's data, or use a new run.dir"
+            )
     batches = make_batches(cfg, train_split, tok, rank, world)
     packed = cfg.data.batching == "packed"
     steps_per_epoch = math.ceil(batches.steps_per_epoch / cfg.train.grad_accum)
@@ -100,7 +113,7 @@ def train(cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
     model = LSTMLM(len(tok), cfg.model, tok.pad_id, cfg.train.loss_chunk)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                  eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    step, epoch, index, tokens_seen, train_seconds = 0, 0, 0, 0, 0.0
+    step, epoch, index, tokens_seen, train_seconds, skipped = 0, 0, 0, 0, 0.0, 0
     state = None
     torch.manual_seed(cfg.run.seed * 1000 + rank)  # dropout stream per rank
     if resume_from is not None:
@@ -110,6 +123,7 @@ def train(cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
         optimizer.load_state_dict(ckpt_io.load_optimizer_state(resume_from))
         ts = ckpt_io.load_trainer_state(resume_from)
         step, epoch, index = ts["step"], ts["epoch"], ts["index"]
+        skipped = ts.get("skipped_steps", 0)
         tokens_seen, train_seconds = ts["tokens_seen"], ts["train_seconds"]
         rank_state = ckpt_io.load_rank_state(resume_from, rank) if ts["world_size"] == world else None
         if rank_state is not None:
@@ -145,7 +159,8 @@ def train(cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
         writer.write_rank(rank, rank_tensors)
         if main:
             trainer_state = {"step": step, "epoch": epoch, "index": index, "tokens_seen": tokens_seen,
-                             "train_seconds": train_seconds, "world_size": world}
+                             "train_seconds": train_seconds, "world_size": world,
+                             "skipped_steps": skipped}
             writer.write_main(raw_model, optimizer.state_dict(), trainer_state, tok.to_json(), cfg.to_yaml())
         acc.wait_for_everyone()
         path = None
@@ -196,9 +211,22 @@ def train(cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
             state = detach_state(out.state) if packed else None
         grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
         lr = lr_at(step, cfg, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
+        # The gradients are averaged over ranks, so every rank sees the same norm: a NaN or inf
+        # loss anywhere makes it non-finite everywhere, and all ranks decide alike.
+        if math.isfinite(float(grad_norm)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+        elif cfg.train.nonfinite == "error":
+            raise LmcoreError(
+                f"non-finite loss or gradient at step {step + 1} (loss sum {loss_sum}, grad norm "
+                f"{float(grad_norm)}); the last checkpoint is intact: lower optim.lr, set optim.grad_clip, "
+                "or set train.nonfinite=skip to skip such steps"
+            )
+        else:
+            skipped += 1
+            metrics.log(step + 1, {"event": "nonfinite_skipped", "skipped_steps": skipped})
+            bar.write(f"step {step + 1}: non-finite loss or gradient, update skipped ({skipped} so far)")
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += int(global_targets)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -171,3 +172,57 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log_file(capsys):
     err = capsys.readouterr().err
     assert "\r" in err and "4/4" in err  # tqdm redraws one line
     assert err.count("train: step") == 4 and "step 4/4 loss=1.5" in err
+
+
+def _nan_on_call(monkeypatch, calls: set[int]) -> None:
+    """Make the model's loss NaN on the given forward calls (1-based), as bad data or an
+    overflow would."""
+    from lmcore.model import LSTMLM
+
+    real = LSTMLM.forward
+    count = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if out.loss_sum is not None and self.training:
+            count["n"] += 1
+            if count["n"] in calls:
+                out.loss_sum = out.loss_sum * float("nan")
+        return out
+
+    monkeypatch.setattr(LSTMLM, "forward", forward)
+
+
+def test_a_nan_loss_stops_training_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    from lmcore.errors import LmcoreError
+
+    _nan_on_call(monkeypatch, {13})
+    run = tmp_path / "r"
+    with pytest.raises(LmcoreError, match="non-finite loss or gradient at step 13"):
+        train(load_config(None, tiny_overrides(run, **{"train.max_steps": 20})), progress=False)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000010"]
+
+
+def test_nan_steps_can_be_skipped_and_counted(tmp_path, monkeypatch):
+    _nan_on_call(monkeypatch, {3, 7})
+    run = tmp_path / "r"
+    result = train(load_config(None, tiny_overrides(run, **{"train.max_steps": 12,
+                                                            "train.nonfinite": "skip"})), progress=False)
+    assert result.step == 12 and result.val_ppl is not None and math.isfinite(result.val_ppl)
+    state = json.loads((result.checkpoint / "trainer_state.json").read_text())
+    assert state["skipped_steps"] == 2
+    for name, w in weights(result.checkpoint).items():
+        assert torch.isfinite(w).all(), name
+
+
+def test_two_jobs_on_one_run_folder_the_second_refuses(tmp_path: Path):
+    from lmcore.errors import LmcoreError
+    from lmcore.runlock import RunLock
+
+    run = tmp_path / "r"
+    with RunLock(run):  # another job holds the folder
+        with pytest.raises(LmcoreError, match=r"in use by another job \(pid \d+ on .*\); wait"):
+            train(load_config(None, tiny_overrides(run, **{"train.max_steps": 3})), progress=False)
+        assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+    # Released (as the kernel does when a job dies): the folder can be used again.
+    assert train(load_config(None, tiny_overrides(run, **{"train.max_steps": 3})), progress=False).step == 3
