@@ -86,6 +86,10 @@ class CheckpointWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)  # debris of a killed earlier attempt
         self.tmp.mkdir()
 
+    def abort(self) -> None:
+        """Drop the unfinished folder (a failed write): the checkpoints before it stay."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
     def write_rank(self, rank: int, tensors: dict[str, torch.Tensor]) -> None:
         path = self.tmp / f"rank_{rank:05d}.safetensors"
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from lmcore import checkpoint as ckpt_io
 from lmcore.batching import PackedBatches, PaddedBatches
@@ -150,6 +151,21 @@ def _train(cfg: Config, acc, run_dir: Path, tok: WordTokenizer, train_split, val
 
     def save_checkpoint() -> Path | None:
         writer = ckpt_io.CheckpointWriter(run_dir, step)
+        try:
+            return _write_checkpoint(writer)
+        except (OSError, SafetensorError) as e:  # a full disk, a quota, a vanished mount
+            if main:
+                writer.abort()
+            previous = ckpt_io.list_checkpoints(ckpt_io.checkpoints_dir(run_dir))
+            kept = (f"the previous checkpoint {previous[-1]} is intact" if previous
+                    else "there is no earlier checkpoint")
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+            raise CheckpointError(
+                f"could not write checkpoint {writer.final} ({reason}); {kept}; free space (or fix the "
+                "folder) and run the same command again to resume"
+            ) from None
+
+    def _write_checkpoint(writer: ckpt_io.CheckpointWriter) -> Path | None:
         if main:
             writer.begin()
         acc.wait_for_everyone()

@@ -226,3 +226,32 @@ def test_two_jobs_on_one_run_folder_the_second_refuses(tmp_path: Path):
         assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
     # Released (as the kernel does when a job dies): the folder can be used again.
     assert train(load_config(None, tiny_overrides(run, **{"train.max_steps": 3})), progress=False).step == 3
+
+
+def test_a_checkpoint_write_that_fails_midway_keeps_the_previous_one_and_says_so(tmp_path, monkeypatch):
+    import errno
+
+    import lmcore.checkpoint as ckpt_io
+    from lmcore.errors import CheckpointError
+
+    real = ckpt_io.save_file
+    calls = {"n": 0}
+
+    def save_file(tensors, path, *args, **kwargs):  # the disk fills up during checkpoint 2
+        calls["n"] += 1
+        if calls["n"] == 4:  # checkpoint 1 = rank file + optimizer; then checkpoint 2's rank file
+            real(tensors, path, *args, **kwargs)
+            with open(path, "r+b") as f:
+                f.truncate(10)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_io, "save_file", save_file)
+    run = tmp_path / "r"
+    with pytest.raises(CheckpointError, match=r"step_00000020 \(No space left on device\); the previous "
+                                              r"checkpoint .*step_00000010 is intact"):
+        train(load_config(None, tiny_overrides(run, **{"train.max_steps": 30})), progress=False)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000010"]  # no debris
+    ckpt_io.verify(run / "checkpoints/step_00000010")
+    monkeypatch.setattr(ckpt_io, "save_file", real)  # space freed: the same command resumes
+    assert train(load_config(None, tiny_overrides(run, **{"train.max_steps": 30})), progress=False).step == 30
