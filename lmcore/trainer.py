@@ -202,7 +202,7 @@ def _train(cfg: Config, acc, run_dir: Path, tok: WordTokenizer, train_split, val
     # A finished run that is started again (a requeue after the end, say) has nothing to do.
     last_saved, val_ppl, stopped = (step if resume_from is not None else -1), None, False
     already_done = step >= total_steps
-    window_loss, window_targets, window_t0 = 0.0, 0, time.perf_counter()
+    window_loss, window_targets, window_seconds = 0.0, 0, 0.0  # since the last log line
     while step < total_steps:
         t_step = time.perf_counter()
         # The micro-batches of one optimizer step, and their real-target count on all ranks.
@@ -246,21 +246,22 @@ def _train(cfg: Config, acc, run_dir: Path, tok: WordTokenizer, train_split, val
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += int(global_targets)
-        train_seconds += time.perf_counter() - t_step
+        step_seconds = time.perf_counter() - t_step  # validation and checkpoints excluded
+        train_seconds += step_seconds
+        window_seconds += step_seconds
         window_loss += loss_sum
         window_targets += local_targets
 
         log_now = step % cfg.train.log_interval == 0 or step == total_steps
         if log_now:
             total_loss, total_targets = all_sum(acc, [window_loss, window_targets])
-            elapsed = time.perf_counter() - window_t0
             mean = total_loss / max(total_targets, 1)
             row = {"train/loss": mean, "train/ppl": math.exp(min(mean, 50.0)), "lr": lr,
-                   "grad_norm": float(grad_norm), "tokens_per_s": total_targets / elapsed,
+                   "grad_norm": float(grad_norm), "tokens_per_s": total_targets / window_seconds,
                    "epoch": epoch, "tokens_seen": tokens_seen, "train_seconds": train_seconds}
             metrics.log(step, row)
             shown = {"loss": mean, "ppl": row["train/ppl"], "tok/s": row["tokens_per_s"]}
-            window_loss, window_targets, window_t0 = 0.0, 0, time.perf_counter()
+            window_loss, window_targets, window_seconds = 0.0, 0, 0.0  # since the last log line
         bar.update(1, shown if log_now else {}, log_line=log_now)
         if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < total_steps:
             val_ppl = validate()
