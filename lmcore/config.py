@@ -254,19 +254,21 @@ def _merge(base: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, what: str = "config file", error: type[Exception] = ConfigError,
+              example: str = "a mapping of sections, e.g. 'optim: ...'") -> dict[str, Any]:
+    """A YAML file that must hold a mapping; any problem is one `error` line naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file")
+        raise error(f"{what} {path} does not exist; pass an existing YAML file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"config file {path} is not valid YAML ({first})") from None
+        raise error(f"{what} {path} is not valid YAML ({first})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, e.g. 'optim: ...'")
+        raise error(f"{what} {path} must hold {example}")
     return data
 
 

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from lmcore.config import read_yaml
 from lmcore.slurm import ProfileError
 
 # Per-job resources: the top level of a profile sets them for every job; the optional
@@ -282,13 +281,6 @@ def find_profile(spec: str) -> Path:
 
 def load_profile(spec: str) -> Profile:
     path = find_profile(spec)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ProfileError(f"cluster profile {path} is not valid YAML ({first})") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ProfileError(f"cluster profile {path} must hold a mapping of keys, e.g. 'partition: gpu'")
+    data = read_yaml(path, what="cluster profile", error=ProfileError,
+                     example="a mapping of keys, e.g. 'partition: gpu'")
     return profile_from_dict(data, name=spec, source=str(path))
