@@ -83,7 +83,8 @@ class CheckpointWriter:
 
     def begin(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)  # debris of a killed earlier attempt
+        for p in self.root.glob(".tmp-*"):  # debris of killed earlier writes and prunes
+            shutil.rmtree(p, ignore_errors=True)
         self.tmp.mkdir()
 
     def abort(self) -> None:
@@ -120,13 +121,24 @@ class CheckpointWriter:
             shutil.rmtree(self.final)
         self.tmp.rename(self.final)
         fsync_dir(self.root)
-        prune(self.root, keep)
+        prune(self.root, keep, self.final.name)
         return self.final
 
 
-def prune(root: Path, keep: int) -> None:
-    for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def _remove(p: Path) -> None:
+    gone = p.with_name(f".tmp-del-{p.name}")
+    p.rename(gone)  # atomic: never a half-deleted checkpoint under its own name
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def prune(root: Path, keep: int, current: str | None = None) -> None:
+    ckpts = list_checkpoints(root)
+    if current is not None:
+        for p in [p for p in ckpts if p.name > current]:  # skipped as damaged when this job resumed
+            _remove(p)
+        ckpts = [p for p in ckpts if p.name <= current]
+    for old in ckpts[:-keep]:
+        _remove(old)
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -145,8 +157,14 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{ckpt} is not a complete lmcore checkpoint (no {MANIFEST})")
     try:
         manifest = json.loads(path.read_text())
-        if manifest.get("format") != FORMAT:
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ValueError("not an lmcore checkpoint")
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not all(isinstance(v, dict) and "sha256" in v and "bytes" in v
+                                                  for v in files.values()):
+            raise ValueError("no file list")
+        if not isinstance(manifest.get("architecture"), dict) or "tokenizer_fingerprint" not in manifest:
+            raise ValueError("incomplete manifest")
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is damaged ({e})") from None
     return manifest
@@ -226,18 +244,36 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
         )
 
 
+def _damaged(ckpt: Path, name: str, e: BaseException) -> CheckpointError:
+    why = str(e).splitlines()[0] if str(e) else repr(e)
+    return CheckpointError(f"checkpoint {ckpt}: {name} cannot be read ({why})")
+
+
 def load_optimizer_state(ckpt: Path) -> dict[str, Any]:
-    meta = json.loads((ckpt / "optimizer.json").read_text())
-    return optimizer_from_files(load_file(str(ckpt / "optimizer.safetensors")), meta)
+    try:
+        meta = json.loads((ckpt / "optimizer.json").read_text())
+        tensors = load_file(str(ckpt / "optimizer.safetensors"))
+    except (SafetensorError, ValueError, OSError) as e:
+        raise _damaged(ckpt, "optimizer.safetensors/optimizer.json", e) from None
+    return optimizer_from_files(tensors, meta)
 
 
 def load_rank_state(ckpt: Path, rank: int) -> dict[str, torch.Tensor] | None:
     path = ckpt / f"rank_{rank:05d}.safetensors"
-    return load_file(str(path)) if path.is_file() else None
+    try:
+        return load_file(str(path)) if path.is_file() else None
+    except (SafetensorError, OSError) as e:
+        raise _damaged(ckpt, path.name, e) from None
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
-    return json.loads((ckpt / "trainer_state.json").read_text())
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        for key in ("step", "epoch", "index", "tokens_seen", "train_seconds", "world_size"):
+            state[key]
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise _damaged(ckpt, "trainer_state.json", e) from None
+    return state
 
 
 def load_for_inference(path_or_run: str | Path, device: torch.device | str = "cpu"):

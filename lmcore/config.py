@@ -289,8 +289,25 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return cfg
 
 
+def _non_finite(obj, path: str = ""):
+    import math
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        name = _join(path, f.name)
+        if dataclasses.is_dataclass(v):
+            yield from _non_finite(v, name)
+        elif isinstance(v, float) and not math.isfinite(v):
+            yield name, v
+        elif isinstance(v, tuple):
+            for x in v:
+                if isinstance(x, float) and not math.isfinite(x):
+                    yield name, x
+
+
 def validate(cfg: Config) -> None:
     """Range checks that types alone cannot express."""
+    for name, v in _non_finite(cfg):
+        raise ConfigError(f"config {name} must be a finite number; got {v}")
     positive = {
         "model.embedding_dim": cfg.model.embedding_dim,
         "model.hidden_dim": cfg.model.hidden_dim,
@@ -328,6 +345,7 @@ def validate(cfg: Config) -> None:
         "generate.max_new_tokens": cfg.generate.max_new_tokens,
         "generate.num_samples": cfg.generate.num_samples,
         "generate.num_shards": cfg.generate.num_shards,
+        "run.threads": cfg.run.threads,
     }
     for name, v in non_negative.items():
         if v < 0:

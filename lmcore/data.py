@@ -77,7 +77,11 @@ def fit_tokenizer(cfg: DataConfig) -> WordTokenizer:
     entry = cache_root(cfg) / "tokenizers" / _key(ident, cfg.text_field, str(cfg.min_count))
     path = entry / "tokenizer.json"
     if path.is_file():
-        return WordTokenizer.load(path)
+        from lmcore.errors import LmcoreError
+        try:
+            return WordTokenizer.load(path)
+        except LmcoreError:
+            shutil.rmtree(entry, ignore_errors=True)  # a damaged cache entry: rebuild
     texts = read_texts(cfg.source, cfg.train_split, cfg.text_field)
     tok = WordTokenizer.fit(texts, cfg.min_count)
     entry.parent.mkdir(parents=True, exist_ok=True)

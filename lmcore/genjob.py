@@ -281,8 +281,7 @@ def generate_shard(cfg, stop_requested: Callable[[], bool] | None = None, progre
     already written) and return counts; "stopped" is true when a stop request ended it
     with work left (rerun the same command to finish)."""
     from lmcore.checkpoint import load_for_inference
-    from lmcore.progress import Progress
-    from lmcore.runtime import all_sum, any_rank, make_accelerator
+    from lmcore.runtime import make_accelerator
 
     t_start = time.perf_counter()
     stop_requested = stop_requested or (lambda: False)
@@ -298,7 +297,8 @@ def generate_shard(cfg, stop_requested: Callable[[], bool] | None = None, progre
     ckpt = ckpt_io.resolve(g.checkpoint or cfg.run.dir)
     ckinfo = checkpoint_info(ckpt)
     acc = make_accelerator(cfg)
-    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
+    main = acc.is_main_process
+    model, tok, _ = load_for_inference(ckpt, acc.device)  # a checkpoint that cannot load writes nothing
     source = PromptSource(g.prompts or None, g.num_samples)
     scan, rejects = _scan(source, g)
     try:
@@ -311,7 +311,24 @@ def generate_shard(cfg, stop_requested: Callable[[], bool] | None = None, progre
         if rejects is not None:
             rejects.unlink(missing_ok=True)
 
-    model, tok, _ = load_for_inference(ckpt, acc.device)
+    from lmcore.runlock import RunLock
+
+    lock = (RunLock(out / ".locks" / f"shard-{shard:05d}-of-{nshards:05d}", what="output folder",
+                    hint="generate.output_dir, or another shard").acquire() if main else None)
+    try:
+        return _generate(cfg, g, acc, out, ckpt, model, tok, source, scan, precision, shard, nshards,
+                         stop_requested, progress, t_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _generate(cfg, g, acc, out, ckpt, model, tok, source, scan, precision, shard, nshards, stop_requested,
+              progress, t_start):
+    from lmcore.progress import Progress
+    from lmcore.runtime import all_sum, any_rank
+
+    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
     sampling = SamplingParams(g.temperature, g.top_k, g.top_p, g.max_new_tokens)
     fixed_rows = g.batch_size if acc.device.type == "cuda" else 0  # same kernels every step
     decoder: Decoder | None = None  # laid out on first use: a finished job's rerun needs none
@@ -383,7 +400,12 @@ def generate_shard(cfg, stop_requested: Callable[[], bool] | None = None, progre
             lines.append(json.dumps(row, ensure_ascii=False) + "\n")
             if len(samples_table) < SAMPLE_TABLE_ROWS:
                 samples_table.append([str(rec.id), s, rec.text, row["completion"], d.finish_reason])
-        atomic_write_bytes(chunk_path(out, c), "".join(lines).encode("utf-8"))
+        try:
+            atomic_write_bytes(chunk_path(out, c), "".join(lines).encode("utf-8"))
+        except OSError as e:
+            raise GenerationError(f"could not write {chunk_path(out, c)} ({e.strerror or e}); the "
+                                  f"{len(done_chunks(out))} finished chunks in {out} are intact: free space "
+                                  "and run the same command again to continue") from None
         counts["chunks"] += 1
         _track(tracker, "log", counts["rows"], {
             "generate/new_tokens_per_s": counts["new_tokens"] / max(gen_seconds, 1e-9),
@@ -494,7 +516,11 @@ def merge_outputs(cfg) -> dict:
                     raise GenerationError(f"{path}: the last prompt has {last[1] + 1} of {sp} samples; "
                                           "delete the chunk file and rerun the generate job")
 
-    atomic_write(out / MERGED_FILE, write)
+    try:
+        atomic_write(out / MERGED_FILE, write)
+    except OSError as e:
+        raise GenerationError(f"could not write {out / MERGED_FILE} ({e.strerror or e}); the chunks in {out} "
+                              "are intact: free space and merge again") from None
     expected = params["prompts"]["records"]
     if counts["prompts"] != expected:
         raise GenerationError(f"{out}: the chunks hold {counts['prompts']} prompts, the input has "

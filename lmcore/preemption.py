@@ -27,7 +27,10 @@ def parse_signals(names: str) -> list[signal.Signals]:
             continue
         full = name if name.startswith("SIG") else f"SIG{name}"
         try:
-            out.append(signal.Signals[full])
+            sig = signal.Signals[full]
+            if sig in (signal.SIGKILL, signal.SIGSTOP):
+                raise KeyError(full)
+            out.append(sig)
         except KeyError:
             raise ConfigError(f"unknown signal {raw.strip()!r}; use names like USR2, TERM, USR1") from None
     return out
@@ -57,4 +60,5 @@ class StopFlag:
 
     def __exit__(self, *exc) -> None:
         for s, prev in self._previous.items():
-            signal.signal(s, prev)  # type: ignore[arg-type]
+            # Once stopping, a second stop signal must not kill the job on its way out.
+            signal.signal(s, signal.SIG_IGN if self.requested else prev)  # type: ignore[arg-type]

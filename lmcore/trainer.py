@@ -96,6 +96,9 @@ def train(cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
 def _train(cfg: Config, acc, run_dir: Path, tok: WordTokenizer, train_split, val_split,
            stop_requested: Callable[[], bool], progress: bool) -> TrainResult:
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
+    if cfg.train.resume == "never" and ckpt_io.list_checkpoints(ckpt_io.checkpoints_dir(run_dir)):
+        raise LmcoreError(f"run.dir {run_dir} already holds checkpoints and train.resume=never: "
+                          "use a new run.dir")
     resume_from = ckpt_io.latest_valid(run_dir) if cfg.train.resume == "auto" else None
     if resume_from is not None:
         saved = WordTokenizer.load(resume_from / "tokenizer.json")

@@ -1,0 +1,352 @@
+"""A catalogue of bad inputs, one table, run through the real command line.
+
+Each case is a setup (files it writes into its own folder), the `lmcore` arguments, and what the
+error line must name. Every case must end the same way: exit status 2, exactly one stderr line
+starting with "lmcore: error:", nothing on stdout, no traceback, no code run from a pickle, and
+nothing written: the case folder (data, configs, a copy of a trained run, output folders, the
+data cache) is byte-for-byte the same afterwards (RUN/.lock excepted: the lock file records who
+last held the run).
+
+Placeholders in arguments and expected text: {tmp} the case folder (also the working directory),
+{run} a copy of a tiny trained run (cases with run=True), {ckpt} its newest checkpoint, {cache}
+that run's data cache, {repo} the repository. Cases marked slow run with LMCORE_SLOW_FAULTS=1.
+Existing tests that this does not repeat: tests/test_bad_inputs.py, tests/test_generate_job.py
+(prompt files), tests/test_slurm_profile.py (profiles, in-process).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.fault_helpers import (
+    LMCORE,
+    SLOW,
+    TRAIN_STEPS,
+    child_env,
+    copy_run,
+    malicious_pickle,
+    malicious_torch_file,
+    reference_run,
+    replace_in_checkpoint,
+    train_overrides,
+    tree,
+    tree_diff,
+)
+from tests.test_bad_inputs import one_error_line
+
+MAX_LINE = 1000  # characters: the error names the problem, it never echoes a huge input
+
+
+@dataclass(frozen=True)
+class Case:
+    args: tuple[str, ...]
+    expect: tuple[str, ...]
+    setup: Callable[[Path], None] | None = None  # called with the case folder
+    run: bool = False  # copy the shared trained run to {tmp}/run first
+    cwd: str = ""  # working directory, relative to the case folder
+    slow: bool = False
+
+
+# -- setups ------------------------------------------------------------------------------------------
+def write(rel: str, data: bytes | str) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        path = tmp / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return setup
+
+
+def mkdir(rel: str) -> Callable[[Path], None]:
+    return lambda tmp: (tmp / rel).mkdir(parents=True, exist_ok=True)
+
+
+def chain(*setups: Callable[[Path], None]) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        for s in setups:
+            s(tmp)
+    return setup
+
+
+def random_bytes(n: int, seed: int = 7, head: bytes = b"\xff\xfe") -> bytes:
+    """Binary junk that is certainly not UTF-8 from its first line on."""
+    return head + random.Random(seed).randbytes(n)
+
+
+HUGE_LINE = '{"text": "' + "word " * 1_600_000  # 8 MB on one line, never closed
+
+
+def checkpoints(tmp: Path) -> list[Path]:
+    return sorted((tmp / "run" / "checkpoints").glob("step_*"))
+
+
+def newest(tmp: Path) -> Path:
+    return checkpoints(tmp)[-1]
+
+
+def in_checkpoint(name: str, payload: Callable[[Path], bytes], every: bool = False) -> Callable[[Path], None]:
+    """Replace a file of the newest (or every) checkpoint, manifest checksum updated to match."""
+    def setup(tmp: Path) -> None:
+        for ckpt in checkpoints(tmp) if every else [newest(tmp)]:
+            replace_in_checkpoint(ckpt, name, payload(tmp))
+    return setup
+
+
+def pickle_bomb(tmp: Path) -> bytes:
+    return malicious_pickle(tmp / "PWNED")
+
+
+def manifest_of_every_checkpoint(text: str) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        for ckpt in checkpoints(tmp):
+            (ckpt / "manifest.json").write_text(text)
+    return setup
+
+
+def flip_every_checkpoint(tmp: Path) -> None:
+    for ckpt in checkpoints(tmp):
+        data = bytearray((ckpt / "model.safetensors").read_bytes())
+        data[-3] ^= 0x01
+        (ckpt / "model.safetensors").write_bytes(bytes(data))
+
+
+def torch_pickle(rel: str) -> Callable[[Path], None]:
+    return lambda tmp: malicious_torch_file(tmp / "PWNED", tmp / rel)
+
+
+def trainer_state_without_keys(tmp: Path) -> bytes:
+    state = json.loads((newest(tmp) / "trainer_state.json").read_text())
+    return json.dumps({k: v for k, v in state.items() if k not in ("epoch", "index")}).encode()
+
+
+PROMPTS = write("prompts.jsonl", '{"id": 1, "prompt": "the movie"}\n{"id": 2, "prompt": "a film"}\n')
+
+# -- argument templates --------------------------------------------------------------------------------
+TINY = ("run.threads=1", "model.embedding_dim=8", "model.hidden_dim=8", "train.batch_size=4",
+        "train.max_steps=1", "data.val_split=", "tracking.wandb_mode=disabled")
+# Valid data (the sample corpus) reads the shared run's cache: nothing to write there either.
+NEW_RUN = ("train", "--no-progress", "run.dir={tmp}/newrun", *TINY, "data.cache_dir={cache}")
+
+
+def data(source: str) -> tuple[str, ...]:
+    """Bad data: a cache inside the case folder, so that it is checked to stay empty too."""
+    return ("train", "--no-progress", "run.dir={tmp}/newrun", *TINY, "data.cache_dir={tmp}/cache",
+            f"data.source={source}")
+
+
+RESUME = ("train", "--no-progress", "{RESUME}")  # expanded to train_overrides(run, cache)
+EVAL = ("eval", "--checkpoint", "{run}", "data.source=sample", "eval.limit=5", "run.threads=1",
+        "data.cache_dir={cache}")
+BULK = ("generate", "run.dir={run}", "run.threads=1", "generate.output_dir={tmp}/gen",
+        "generate.prompts={tmp}/prompts.jsonl", "generate.max_new_tokens=4")
+SUBMIT = ("submit", "train", "--cluster", "{tmp}/p.yaml", "--dry-run")
+
+CASES: dict[str, Case] = {
+    # -- config files and values: most fail before torch is imported ---------------------------------
+    "config-truncated-mid-key": Case(
+        ("train", "--config", "{tmp}/c.yaml", "run.dir={tmp}/newrun"), ("'train'", "must be a mapping"),
+        write("c.yaml", "optim:\n  lr: 0.01\ntrain:\n  batch_si")),
+    "config-truncated-in-a-list": Case(
+        ("train", "--config", "{tmp}/c.yaml", "run.dir={tmp}/newrun"), ("{tmp}/c.yaml", "not valid YAML"),
+        write("c.yaml", "optim:\n  betas: [0.9, 0.99")),
+    "config-binary": Case(
+        ("train", "--config", "{tmp}/c.yaml", "run.dir={tmp}/newrun"), ("{tmp}/c.yaml", "not valid YAML"),
+        write("c.yaml", random_bytes(300))),
+    "config-a-list": Case(
+        ("eval", "--config", "{tmp}/c.yaml"), ("{tmp}/c.yaml", "mapping"),
+        write("c.yaml", "- optim\n- train\n")),
+    "config-a-folder": Case(
+        ("train", "--config", "{tmp}/conf", "run.dir={tmp}/newrun"), ("{tmp}/conf",), mkdir("conf")),
+    "nan-learning-rate": Case((*NEW_RUN, "optim.lr=nan"), ("optim.lr",)),
+    "inf-learning-rate": Case((*NEW_RUN, "optim.lr=.inf"), ("optim.lr",), slow=True),
+    "nan-temperature": Case(
+        ("generate", "run.dir={run}", "--prompt", "the movie", "generate.temperature=nan",
+         "generate.max_new_tokens=3"), ("generate.temperature",), run=True),
+    "negative-threads": Case((*NEW_RUN, "run.threads=-1"), ("run.threads",)),
+    "uncatchable-stop-signal": Case(
+        ("train", "--stop-signals", "KILL", "run.dir={tmp}/newrun", "data.cache_dir={cache}"), ("KILL",)),
+    "unknown-stop-signal": Case(
+        ("train", "--stop-signals", "USR9", "run.dir={tmp}/newrun"), ("unknown signal 'USR9'",), slow=True),
+    "unknown-subcommand": Case(("trian", "run.dir={tmp}/newrun"), ("invalid choice", "'trian'")),
+    "unknown-option": Case(("train", "--bogus-flag", "run.dir={tmp}/newrun"), ("'--bogus-flag'",)),
+    "override-without-a-key": Case(("train", "=3", "run.dir={tmp}/newrun"), ("'=3'", "section.key=value")),
+    "run-dir-is-a-file": Case(
+        (*NEW_RUN, "run.dir={tmp}/afile"), ("{tmp}/afile", "run.dir"), write("afile", "not a folder\n")),
+    # -- data files ---------------------------------------------------------------------------------------
+    "data-only-blank-lines": Case(
+        data("{tmp}/data/train.jsonl"), ("holds no texts",), write("data/train.jsonl", "\n  \n\t\n")),
+    "data-empty-text-file": Case(
+        data("{tmp}/data/train.txt"), ("holds no texts",), write("data/train.txt", ""), slow=True),
+    "data-binary": Case(
+        data("{tmp}/data/train.jsonl"), ("{tmp}/data/train.jsonl:1:", "UTF-8"),
+        write("data/train.jsonl", random_bytes(20000))),
+    "data-fake-gzip": Case(
+        data("{tmp}/data/train.jsonl.gz"), ("{tmp}/data/train.jsonl.gz", "cannot read"),
+        write("data/train.jsonl.gz", '{"text": "plain text, not gzip"}\n'), slow=True),
+    "data-one-huge-line": Case(
+        data("{tmp}/data/train.jsonl"), ("train.jsonl:1:", "malformed JSON"),
+        write("data/train.jsonl", HUGE_LINE)),
+    "data-csv-wrong-column": Case(
+        data("{tmp}/data/train.csv"), ("'text'", "review", "data.text_field"),
+        write("data/train.csv", "review,label\ngood film,1\n")),
+    "data-field-not-a-string": Case(
+        data("{tmp}/data/train.jsonl"), ("train.jsonl:1:", "not a string"),
+        write("data/train.jsonl", '{"text": 5}\n'),
+        slow=True),
+    "data-folder-without-splits": Case(
+        data("{tmp}/data"), ("no file for split 'train'",), write("data/README.md", "reviews go here\n"),
+        slow=True),
+    "data-aclimdb-not-utf8": Case(
+        data("{tmp}/data"), ("0_9.txt", "UTF-8"), write("data/train/pos/0_9.txt", b"a caf\xe9 review\n"),
+        slow=True),
+    "data-corrupt-parquet": Case(
+        data("{tmp}/data/train.parquet"), ("train.parquet", "cannot read parquet"),
+        write("data/train.parquet", random_bytes(500, head=b"PAR1")), slow=True),
+    "data-unknown-format": Case(
+        data("{tmp}/data/train.xml"), ("train.xml", "unknown format"),
+        write("data/train.xml", "<reviews/>\n"),
+        slow=True),
+    # -- prompt files (bulk generation) -----------------------------------------------------------------
+    "prompts-binary": Case(
+        (*BULK[:-2], "generate.prompts={tmp}/prompts.txt"), ("prompts.txt:1:", "UTF-8"),
+        write("prompts.txt", random_bytes(5000)), run=True, slow=True),
+    "prompts-one-huge-line": Case(
+        BULK, ("prompts.jsonl:1:", "malformed JSON"),
+        write("prompts.jsonl", HUGE_LINE.replace("text", "prompt")),
+        run=True),
+    "prompts-a-folder": Case(
+        (*BULK[:-2], "generate.prompts={tmp}/pdir"), ("{tmp}/pdir", "folder"), mkdir("pdir"), run=True,
+        slow=True),
+    "prompts-fake-gzip": Case(
+        (*BULK[:-2], "generate.prompts={tmp}/p.jsonl.gz"), ("p.jsonl.gz", "cannot read"),
+        write("p.jsonl.gz", '{"id": 1, "prompt": "x"}\n'), run=True, slow=True),
+    "prompts-null-line": Case(
+        BULK, ("prompts.jsonl:2:", "JSON object"), write("prompts.jsonl", '{"id": 1, "prompt": "x"}\nnull\n'),
+        run=True, slow=True),
+    "merge-of-an-empty-folder": Case(
+        ("generate", "--merge", "generate.output_dir={tmp}/gen"), ("{tmp}/gen", "no generations"),
+        mkdir("gen"), slow=True),
+    "output-dir-with-chunks-but-no-params": Case(
+        BULK, ("{tmp}/gen", "params.json"), chain(PROMPTS, write("gen/chunks/chunk-00000000.jsonl", "{}\n")),
+        run=True, slow=True),
+    "output-dir-is-a-file": Case(
+        BULK, ("{tmp}/gen", "generate.output_dir"), chain(PROMPTS, write("gen", "a file\n")),
+        run=True, slow=True),
+    # -- cluster profiles -------------------------------------------------------------------------------
+    "profile-a-list": Case(SUBMIT, ("p.yaml", "mapping"), write("p.yaml", "- partition: debug\n")),
+    "profile-binary": Case(SUBMIT, ("p.yaml", "not valid YAML"), write("p.yaml", random_bytes(200))),
+    "profile-quote-in-account": Case(
+        SUBMIT, ("account", "must not contain '"), write("p.yaml", "account: it's\n")),
+    "profile-percent-in-log-dir": Case(SUBMIT, ("log_dir", "'%'"), write("p.yaml", "log_dir: logs/%u\n")),
+    "profile-sbatch-flag-false": Case(
+        SUBMIT, ("sbatch.exclusive", "false"), write("p.yaml", "sbatch:\n  exclusive: false\n")),
+    "submit-negative-shards": Case(
+        ("submit", "generate", "--cluster", "local", "--shards", "-1", "--dry-run"), ("--shards",)),
+    "submit-from-a-folder-with-a-quote": Case(
+        ("submit", "train", "--cluster", "local", "--dry-run"), ("working directory", "'"),
+        mkdir("bob's work"),
+        cwd="bob's work"),
+    # -- checkpoints ------------------------------------------------------------------------------------
+    "resume-never-on-a-run-with-checkpoints": Case(
+        (*RESUME, "train.resume=never", "train.max_steps=2"), ("{run}", "train.resume"), run=True),
+    "resume-with-another-vocabulary": Case(
+        (*RESUME, "data.min_count=1"), ("vocabulary", "run.dir"), run=True),
+    "resume-with-another-architecture": Case(
+        (*RESUME, "model.num_layers=2"), ("architecture", "num_layers"), run=True),
+    "pickle-as-weights-eval": Case(
+        EVAL, ("{ckpt}", "cannot load weights"), in_checkpoint("model.safetensors", pickle_bomb), run=True),
+    "pickle-as-weights-generate": Case(
+        BULK, ("{ckpt}", "cannot load weights"),
+        chain(PROMPTS, in_checkpoint("model.safetensors", pickle_bomb)),
+        run=True),
+    "pickle-as-weights-resume": Case(
+        RESUME, ("{ckpt}", "cannot load weights"), in_checkpoint("model.safetensors", pickle_bomb), run=True,
+        slow=True),
+    "pickle-as-optimizer-resume": Case(
+        RESUME, ("{ckpt}", "optimizer.safetensors"), in_checkpoint("optimizer.safetensors", pickle_bomb),
+        run=True),
+    "pickle-as-rank-state-resume": Case(
+        RESUME, ("{ckpt}", "rank_00000.safetensors"), in_checkpoint("rank_00000.safetensors", pickle_bomb),
+        run=True, slow=True),
+    "torch-pickle-file-as-checkpoint": Case(
+        ("eval", "--checkpoint", "{tmp}/model.pt", "data.source=sample"),
+        ("{tmp}/model.pt", "no valid checkpoint"),
+        torch_pickle("model.pt"), slow=True),
+    "manifest-a-json-list": Case(
+        EVAL, ("{run}", "no valid checkpoint"), manifest_of_every_checkpoint("[1, 2]"), run=True),
+    "manifest-without-files": Case(
+        EVAL, ("{run}", "no valid checkpoint"),
+        manifest_of_every_checkpoint('{"format": "lmcore-checkpoint"}'),
+        run=True, slow=True),
+    "every-checkpoint-bit-flipped": Case(
+        EVAL, ("{run}", "no valid checkpoint", "fails its checksum"), flip_every_checkpoint, run=True,
+        slow=True),
+    "optimizer-json-not-json": Case(
+        RESUME, ("{ckpt}", "optimizer.json"), in_checkpoint("optimizer.json", lambda t: b'{"param_groups": '),
+        run=True, slow=True),
+    "trainer-state-missing-keys": Case(
+        RESUME, ("{ckpt}", "trainer_state.json"),
+        in_checkpoint("trainer_state.json", trainer_state_without_keys),
+        run=True, slow=True),
+}
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory) -> Path:
+    return reference_run(tmp_path_factory)
+
+
+def expand(text: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        text = text.replace("{" + key + "}", value)
+    return text
+
+
+def without_lock(snapshot: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in snapshot.items() if Path(k).name != ".lock"}
+
+
+def test_the_catalogue_is_big_and_covers_every_kind_of_input():
+    default = [k for k, c in CASES.items() if not c.slow]
+    assert len(default) >= 25 and len(CASES) >= 45
+    for prefix in ("config", "data-", "prompts-", "profile-", "resume-", "pickle-", "manifest-"):
+        assert any(k.startswith(prefix) for k in default), prefix
+
+
+@pytest.mark.parametrize("name", CASES, ids=list(CASES))
+def test_bad_input(name: str, ref: Path, tmp_path: Path):
+    case = CASES[name]
+    if case.slow and not SLOW:
+        pytest.skip("more of the same kind: set LMCORE_SLOW_FAULTS=1 to run it")
+    tmp = tmp_path / "case"
+    tmp.mkdir()
+    values = {"tmp": str(tmp), "run": str(tmp / "run"), "cache": str(ref / "cache"), "repo": str(REPO)}
+    if case.run:
+        copy_run(ref / "run", tmp / "run")
+        values["ckpt"] = str(newest(tmp))
+    if case.setup is not None:
+        case.setup(tmp)
+    args = []
+    for a in case.args:
+        args += train_overrides(tmp / "run", ref / "cache") if a == "{RESUME}" else [expand(a, values)]
+    before = tree(tmp)
+    cwd = tmp / case.cwd
+    proc = subprocess.run([*LMCORE, *args], cwd=cwd, env=child_env(), capture_output=True, text=True,
+                          timeout=300)
+    line = one_error_line(proc, *(expand(e, values) for e in case.expect))
+    assert len(line) < MAX_LINE, f"an error line of {len(line)} characters"
+    assert not (tmp / "PWNED").exists(), "a pickle was loaded: its code ran"
+    changes = tree_diff(without_lock(before), without_lock(tree(tmp)))
+    assert changes == [], f"a failed job wrote: {changes}"
+
+
+def test_the_shared_run_is_what_the_catalogue_assumes(ref: Path):
+    names = sorted(p.name for p in (ref / "run" / "checkpoints").iterdir())
+    assert names == [f"step_{TRAIN_STEPS - 2:08d}", f"step_{TRAIN_STEPS:08d}"]
