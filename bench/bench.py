@@ -1,6 +1,6 @@
 """lmcore against the seed notebook's reference, in the same run, on the real IMDB data.
 
-    .venv/bin/python bench/bench.py                          # every section (~15-20 min on 2 cores)
+    .venv/bin/python bench/bench.py                          # every section (~15 min on 2 cores)
     .venv/bin/python bench/bench.py --only train,peak --ref-steps 3 --our-steps 10
     .venv/bin/python bench/bench.py --only ttq --ttq-budget-s 120
 
@@ -11,8 +11,9 @@ Sections (--only, comma-separated; default all):
          configs/imdb_seed.yaml (padded, fp32) and its packed / bf16 variants: real (non-pad)
          tokens/s, seconds per step, peak RSS of each training process, and the model FLOP rate
          as a fraction of the matmul peak
-  ttq    time to quality: the reference's seconds per step (measured here) x 216 steps, the
-         steps it needs for masked test perplexity 541.9, against the training seconds
+  ttq    time to quality: the reference's time for 216 steps (measured here: its first W steps
+         + the rest at its steady seconds per step), the steps it needs for masked test
+         perplexity 541.9 (../shared/notes/baseline.md), against the training seconds
          configs/imdb_fast.yaml needs to reach <= 541.9 on the same 2,500 reviews (every 10th
          test review, the notebook's vocabulary), validating every --ttq-eval-every steps
   eval   masked test perplexity throughput: `seed_reference.py eval --stride 10` against
@@ -25,9 +26,11 @@ threads; ratios are the figures that carry from machine to machine, absolute num
 printed beside them. Each section prints reference, ours, ratio, target and pass/fail; the
 whole result goes to --out (JSON) and a markdown table beside it (same name, .md).
 
-What is timed: training = the optimizer steps only on both sides (reference: its train_s, the
-loop over its first N batches; ours: train_seconds in metrics.jsonl, validation and checkpoint
-writes excluded). Excluded everywhere and reported apart: process start and imports, reading
+What is timed: training = the optimizer steps only on both sides, steady state (the first
+--warmup-steps left out): ours from train_seconds/tokens_seen in metrics.jsonl (validation and
+checkpoint writes excluded); the reference prints only whole-run figures, so it runs N steps
+and, once, the first W steps on the same batches (its shuffle is seeded) and the difference is
+taken. Excluded everywhere and reported apart: process start and imports, reading
 the data, tokenizer fit and encoding (ours: the on-disk token cache, warmed up front by a
 setup step that is timed; --fresh-cache starts from an empty cache in the work folder),
 model construction. Peak memory is the peak RSS of each child process (os.wait4's ru_maxrss:
@@ -298,6 +301,12 @@ class Bench:
                              f"stderr tail:\n{tail}")
         return res
 
+    def fresh(self, name: str) -> Path:
+        """A folder of the work folder, emptied: a --work reused from an earlier bench starts clean."""
+        path = self.work / name
+        shutil.rmtree(path, ignore_errors=True)
+        return path
+
     def reference(self, mode: str, *extra: str) -> list[str]:
         cmd = [sys.executable, str(self.args.reference), mode, "--data", str(self.args.data), *extra]
         if self.args.threads:
@@ -383,7 +392,7 @@ class Bench:
 
     def our_train_run(self, variant: str) -> dict:
         desc, overrides = TRAIN_VARIANTS[variant]
-        run_dir = self.work / f"train-{variant}"
+        run_dir = self.fresh(f"train-{variant}")
         n, w = self.args.our_steps, self.args.warmup_steps
         c = self.child(f"ours-train-{variant}", self.lmcore(
             "train", "configs/imdb_seed.yaml", f"run.dir={run_dir}", f"train.max_steps={n}",
@@ -399,6 +408,11 @@ class Bench:
                "s_per_step_with_warmup": round(last["train_seconds"] / n, 3),
                "real_tokens_per_s_with_warmup": round(last["tokens_seen"] / last["train_seconds"], 1),
                "tokens_per_step": round(last["tokens_seen"] / n, 1),
+               # robust to a burst of other load: the median of the steady steps' own rates
+               "real_tokens_per_s_median_step": round(statistics.median(
+                   (rows[i]["tokens_seen"] - rows[i - 1]["tokens_seen"])
+                   / (rows[i]["train_seconds"] - rows[i - 1]["train_seconds"])
+                   for i in range(w + 1, n + 1)), 1),
                "step_seconds": [round(rows[i]["train_seconds"] - (rows[i - 1]["train_seconds"] if i > 1
                                                                   else 0.0), 3) for i in range(1, n + 1)],
                **_proc(c)}
@@ -473,7 +487,7 @@ class Bench:
         ref_s = w["train_s"] + (REF_TTQ_STEPS - w["steps"]) * ref_sps  # its warm-up counted once
         goal_s = ref_s / TARGETS["ttq_ratio"]
         budget = a.ttq_budget_s or 1.5 * goal_s
-        run_dir = self.work / "ttq"
+        run_dir = self.fresh("ttq")
         k = a.ttq_eval_every
         extra = [f"train.max_steps={a.ttq_max_steps}"] if a.ttq_max_steps else []
         extra += a.ttq_override
@@ -538,6 +552,8 @@ class Bench:
         ckpt_args = ["--data", str(a.data), "--work", str(self.work)]
         if a.eval_checkpoint:
             ckpt_args += ["--checkpoint", str(Path(a.eval_checkpoint).resolve())]
+        self.fresh("random_run")
+        self.fresh("eval-run")
         ck = self.helper("checkpoints", *ckpt_args)
         limit = a.eval_limit
         if limit % 32:
@@ -594,7 +610,7 @@ class Bench:
 
     def gen(self) -> None:
         a = self.args
-        out = self.work / "gen" / "generate_speed.json"
+        out = self.fresh("gen") / "generate_speed.json"
         cmd = [sys.executable, str(REPO / "bench" / "generate_speed.py"), "--data", str(a.data),
                "--reference", str(a.reference), "--prompts", str(a.gen_prompts), "--new-tokens",
                str(a.gen_new_tokens), "--ref-prompts", str(a.gen_ref_prompts), "--ref-max-len",
