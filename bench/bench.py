@@ -887,6 +887,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _self_maxrss_mb() -> float:
+    # VmHWM belongs to this process's own address space; ru_maxrss would also count the peak of
+    # whatever forked us (e.g. a pytest that holds torch), since Linux carries it across exec.
+    hwm = _vm_hwm_mb(os.getpid())
+    if hwm is not None:
+        return hwm
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
