@@ -31,22 +31,39 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if needs_grad and bias is not None else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        fp32 = dtype is None and h.dtype == weight.dtype == torch.float32 and (
+            bias is None or bias.dtype == torch.float32)
+        # One logits buffer for every chunk: a fresh tensor above glibc's mmap threshold
+        # (32 MB) per chunk costs more in page faults than the softmax does.
+        buf = torch.empty(min(chunk, h.shape[0]), weight.shape[0], dtype=torch.float32, device=h.device)
         for lo in range(0, h.shape[0], chunk):
             hc = h[lo : lo + chunk]
             hc_c = hc.to(dtype) if dtype is not None else hc
-            logits = (hc_c @ w.t()).float()
-            if bias is not None:
-                logits += bias.float()
-            tc = targets[lo : lo + chunk]
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, tc.unsqueeze(1)).squeeze(1)).sum()
+            logits = buf[: hc.shape[0]]
+            if fp32 and bias is not None:
+                torch.addmm(bias, hc_c, w.t(), out=logits)
+            elif fp32:
+                torch.mm(hc_c, w.t(), out=logits)
+            else:
+                logits.copy_(hc_c @ w.t())
+                if bias is not None:
+                    logits += bias.float()
+            tc = targets[lo : lo + chunk].unsqueeze(1)
+            row_max = logits.amax(dim=1, keepdim=True)
+            total += (row_max - logits.gather(1, tc)).sum()
+            mass = logits.sub_(row_max).exp_().sum(dim=1, keepdim=True)  # logits now exp(l - max)
+            total += mass.log().sum()
             if needs_grad:
-                # d(sum of losses)/d(logits) = softmax - one_hot, computed in place.
-                logits.sub_(lse.unsqueeze(1)).exp_()
-                logits[torch.arange(len(tc), device=logits.device), tc] -= 1.0
-                g = logits.to(dtype) if dtype is not None else logits
-                grad_h[lo : lo + chunk] = (g @ w).to(h.dtype)
-                grad_w += (g.t() @ hc_c).float()
+                # d(sum of losses)/d(logits) = softmax - one_hot, in place.
+                logits.div_(mass)
+                logits.scatter_add_(1, tc, torch.full_like(tc, -1.0, dtype=logits.dtype))
+                if fp32:  # straight into the gradients, no temporaries
+                    torch.mm(logits, w, out=grad_h[lo : lo + chunk])
+                    grad_w.addmm_(logits.t(), hc_c)
+                else:
+                    g = logits.to(dtype) if dtype is not None else logits
+                    grad_h[lo : lo + chunk] = (g @ w).to(h.dtype)
+                    grad_w += (g.t() @ hc_c).float()
                 if grad_b is not None:
                     grad_b += logits.sum(0)
         if needs_grad:
@@ -56,9 +73,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        if getattr(ctx, "backward_done", False):
+            raise RuntimeError("linear_cross_entropy: no second backward through the same graph")
+        ctx.backward_done = True
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, (grad_b * grad_out if grad_b is not None else None), \
-            None, None, None, None
+        # Scaled in place: these are this call's own buffers, and a 41 MB temporary each is
+        # a round of page faults (backward runs once: the graph keeps no other use of them).
+        for g in (grad_h, grad_w, grad_b):
+            if g is not None:
+                g.mul_(grad_out)
+        return grad_h, grad_w, grad_b, None, None, None, None
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

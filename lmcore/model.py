@@ -29,7 +29,7 @@ class LMOutput:
 
 
 class LSTMLM(nn.Module):
-    def __init__(self, vocab_size: int, cfg: ModelConfig, pad_id: int, loss_chunk: int = 2048):
+    def __init__(self, vocab_size: int, cfg: ModelConfig, pad_id: int, loss_chunk: int = 256):
         super().__init__()
         self.vocab_size = vocab_size
         self.cfg = cfg

@@ -120,6 +120,30 @@ def test_the_chunked_loss_matches_plain_cross_entropy_in_value_and_gradients():
         assert linear_cross_entropy(h, w, b, t, 8).item() == pytest.approx(results[0][0].item(), rel=1e-5)
 
 
+def test_the_fused_loss_without_bias_and_under_bf16_autocast_matches_the_plain_one():
+    from lmcore.loss import linear_cross_entropy
+
+    torch.manual_seed(1)
+    h = torch.randn(29, 16, requires_grad=True)
+    w = torch.randn(53, 16, requires_grad=True)
+    t = torch.randint(0, 53, (29,))
+    for autocast in (False, True):
+        grads = []
+        for chunk in (0, 7):
+            h.grad = w.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = linear_cross_entropy(h, w, None, t, chunk)
+            loss.backward()
+            grads.append((loss.detach().float(), h.grad.clone(), w.grad.clone()))
+        tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+        for x, y in zip(*grads, strict=True):
+            torch.testing.assert_close(x, y, **tol)
+    loss = linear_cross_entropy(h, w, None, t, 7)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):  # its buffers were scaled in place
+        loss.backward()
+
+
 def test_the_adaptive_softmax_is_a_normalised_distribution_and_scores_like_its_logits():
     model = small_model(softmax="adaptive", adaptive_cutoffs=[10, 30], adaptive_div=2.0)
     ids = torch.randint(4, 50, (2, 7))
