@@ -798,7 +798,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--gen-ref-prompts", type=int, default=40, help="the reference's prompts")
     g.add_argument("--gen-new-tokens", type=int, default=50, help="new tokens per prompt, both sides")
     g.add_argument("--gen-repeats", type=int, default=2)
-    g.add_argument("--gen-precisions", default="fp32,bf16")
+    g.add_argument("--gen-precisions", default="fp32,bf16,int8")
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.only.split(",") if s.strip()]
     for s in args.sections:

@@ -124,7 +124,8 @@ def step_profile(model, tok, rows: int, precision: str, reps: int = 5) -> dict:
         parts = {"output_matmul_ms": best(lambda: dec._logits(h[-1])),
                  "sampling_ms": best(lambda: pick_tokens(logits, u, dec.params, dec.width)),
                  "lstm_step_ms": best(lambda: dec._step(toks, h, c))}
-    flops = 2 * rows * dec.head_w.shape[1] * dec.head_w.shape[0]
+    vocab = dec.head_b.shape[0]
+    flops = 2 * rows * dec.hidden * vocab  # int8: integer operations
     parts["output_matmul_gflops"] = round(flops / parts["output_matmul_ms"] / 1e6, 1)
     parts["rows"] = rows
     return parts
@@ -138,7 +139,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=1000)
     p.add_argument("--new-tokens", type=int, default=50)
     p.add_argument("--batch-sizes", default="256")
-    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--precisions", default="fp32,bf16,int8")
     p.add_argument("--ref-prompts", type=int, default=40)
     p.add_argument("--ref-max-len", type=int, default=50)
     p.add_argument("--threads", type=int, default=0, help="torch threads on both sides (0 = default)")

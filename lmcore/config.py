@@ -112,7 +112,7 @@ class GenerateConfig:
     num_shards: int = 0  # 0: from the SLURM array size, else 1
     chunk_size: int = 1024  # prompts per atomically written output chunk
     bad_lines: Literal["error", "skip"] = "error"  # skip: bad prompt lines go to rejects.jsonl
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "int8"] = "auto"  # int8: the output layer, see README
 
 
 @dataclass

@@ -46,6 +46,7 @@ from lmcore.model import LSTMLM
 from lmcore.tokenizer import WordTokenizer
 
 MIN_ROWS = 16  # CPU matmuls with fewer rows use another MKL kernel (other last bits)
+INT8_ROWS = 128  # rows per int8 output matmul: oneDNN's VNNI kernel is ~3x slower above ~192
 CHUNK = 2048  # vocabulary columns per chunk of the sampling pass (in cache while used)
 TOP_P_CANDIDATES = (64, 1024)  # nucleus search: these many top tokens first, then a full sort
 _TINY = torch.finfo(torch.float32).tiny
@@ -268,18 +269,26 @@ def sample_next(logits: torch.Tensor, uniforms: torch.Tensor, params: SamplingPa
 class Decoder:
     """Generation with a trained LSTMLM: weights laid out once, then any number of batches.
 
-    precision: "fp32", or "bf16" (matmuls in bfloat16, LSTM cell and sampling in float32).
+    precision: "fp32"; "bf16" (matmuls in bfloat16, LSTM cell and sampling in float32); or
+    "int8" (the output layer only: weights int8 per vocabulary row, the LSTM output int8 at
+    the fixed scale 1/127 since |h| < 1, integer products summed exactly in int32, then
+    scaled back in float32; on a CPU with VNNI its matmul is ~4x fp32's. Integer sums are
+    exact, so a row's logits cannot depend on its batch.)
     fixed_rows: pad every step to this many rows (CUDA: the same kernels every step);
     0 = at least MIN_ROWS.
     """
 
     def __init__(self, model: LSTMLM, tok: WordTokenizer, params: SamplingParams,
                  device: torch.device | str | None = None, precision: str = "fp32", fixed_rows: int = 0):
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        if precision not in ("fp32", "bf16", "int8"):
+            raise ValueError(f"precision must be fp32, bf16 or int8, got {precision!r}")
+        if precision == "int8" and getattr(model, "adaptive", None) is not None:
+            raise ValueError("precision int8 is for the full softmax; this model uses the adaptive "
+                             "softmax: use fp32 or bf16")
         self.params = params
         self.tok = tok
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.int8 = precision == "int8"
         self.mm_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.fixed_rows = fixed_rows
         self._buf: torch.Tensor | None = None  # the logits of a step
@@ -319,6 +328,12 @@ class Decoder:
                 b = torch.cat([b, b.new_full((extra,), float("-inf"))])
             self.head_w = w.to(self.mm_dtype)
             self.head_b = b  # added in float32
+            if self.int8:
+                scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127  # per vocabulary row
+                self.head_q = torch.round(w / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+                # a feature quantized as round(h * 127) (|h| < 1 when h is the LSTM's output)
+                self.head_mult = scale / 127
+                self.head_w = None
 
     # -- pieces -------------------------------------------------------------------------------
     def _rows(self, m: int) -> int:
@@ -360,8 +375,10 @@ class Decoder:
             if self._buf is None or self._buf.shape[0] < rows:
                 # One buffer for every step: a fresh 40 MB tensor per step costs more in page
                 # faults than the sampling pass does.
-                self._buf = torch.empty(rows, self.head_w.shape[0], device=self.device)
+                self._buf = torch.empty(rows, self.head_b.shape[0], device=self.device)
             out = self._buf[:rows]
+            if self.int8:
+                return self._int8_logits(feat, out)
             if self.mm_dtype == torch.float32:
                 return torch.addmm(self.head_b, feat, self.head_w.t(), out=out)
             return out.copy_(torch.mm(feat.to(self.mm_dtype), self.head_w.t())).add_(self.head_b)
@@ -375,6 +392,26 @@ class Decoder:
         if n * self.width > self.vocab:
             logp = F.pad(logp, (0, n * self.width - self.vocab), value=float("-inf"))
         return logp
+
+    def _int8_logits(self, feat: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.proj is None:  # the LSTM's output: |h| < 1, one fixed scale for every row
+            q, row_scale = torch.round(feat * 127), None
+        else:  # a projection's output is unbounded: q = round(feat * 127 / peak) per row, so
+            # the logits take a factor peak (row-local, batch-free)
+            row_scale = feat.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)
+            q = torch.round(feat * 127 / row_scale)
+        q = q.clamp_(-127, 127).to(torch.int8)
+        acc = torch.empty(min(INT8_ROWS, len(q)), out.shape[1], dtype=torch.int32, device=out.device)
+        for lo in range(0, len(q), INT8_ROWS):
+            part = acc[: min(INT8_ROWS, len(q) - lo)]
+            torch._int_mm(q[lo : lo + INT8_ROWS], self.head_q.t(), out=part)
+            dest = out[lo : lo + INT8_ROWS]
+            if row_scale is None:
+                torch.addcmul(self.head_b, part, self.head_mult, out=dest)
+            else:
+                torch.mul(part, row_scale[lo : lo + INT8_ROWS], out=dest)
+                torch.addcmul(self.head_b, dest, self.head_mult, out=dest)
+        return out
 
     def _read(self, prompts: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """State after `<bos>` + each prompt, rows in the given order (prompts read once:

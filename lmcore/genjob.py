@@ -212,7 +212,7 @@ def resolve_precision(setting: str, out: Path, device: torch.device) -> str:
     if setting != "auto":
         return setting
     existing = read_params(out)
-    if existing and existing.get("precision") in ("fp32", "bf16"):
+    if existing and existing.get("precision") in ("fp32", "bf16", "int8"):
         return existing["precision"]
     return auto_precision(device)
 

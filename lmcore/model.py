@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from lmcore.config import ModelConfig
+from lmcore.errors import ConfigError
 from lmcore.loss import linear_cross_entropy
 
 State = tuple[torch.Tensor, torch.Tensor]
@@ -26,6 +27,17 @@ class LMOutput:
     loss_sum: torch.Tensor | None  # summed NLL over scored targets (float32)
     num_targets: int
     state: State
+
+
+def adaptive_cutoffs(cfg: ModelConfig, vocab_size: int) -> list[int]:
+    """The configured cutoffs that fall inside this vocabulary; a clear error if none do."""
+    cutoffs = [c for c in cfg.adaptive_cutoffs if c < vocab_size]
+    if not cutoffs:
+        raise ConfigError(
+            f"model.adaptive_cutoffs={list(cfg.adaptive_cutoffs)} has no cutoff below the vocabulary "
+            f"size {vocab_size}: give smaller ones (e.g. model.adaptive_cutoffs=[{max(1, vocab_size // 4)}]) "
+            "or use model.softmax=full")
+    return cutoffs
 
 
 class LSTMLM(nn.Module):
@@ -51,7 +63,7 @@ class LSTMLM(nn.Module):
             out_dim = cfg.embedding_dim
         self.adaptive: nn.AdaptiveLogSoftmaxWithLoss | None = None
         if cfg.softmax == "adaptive":
-            cutoffs = [c for c in cfg.adaptive_cutoffs if c < vocab_size]
+            cutoffs = adaptive_cutoffs(cfg, vocab_size)
             self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(out_dim, vocab_size, cutoffs,
                                                           div_value=cfg.adaptive_div)
         else:

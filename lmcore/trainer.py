@@ -26,7 +26,7 @@ from lmcore.data import fit_tokenizer, load_split, strided
 from lmcore.errors import CheckpointError, LmcoreError
 from lmcore.evaluate import evaluate
 from lmcore.metrics import MetricsLog
-from lmcore.model import LSTMLM, detach_state
+from lmcore.model import LSTMLM, adaptive_cutoffs, detach_state
 from lmcore.progress import Progress
 from lmcore.runlock import RunLock
 from lmcore.runtime import all_sum, any_rank, make_accelerator
@@ -84,6 +84,8 @@ def train(cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
         if cfg.data.val_split:
             full_val = load_split(cfg.data, cfg.data.val_split, tok)
             val_split = strided(full_val, cfg.data.val_stride, cfg.data.val_limit)
+    if cfg.model.softmax == "adaptive":
+        adaptive_cutoffs(cfg.model, len(tok))  # an impossible architecture fails before any write
     # One job per run folder (taken after the data checks, so bad input writes nothing).
     lock = RunLock(run_dir).acquire() if main else None
     try:
@@ -195,8 +197,10 @@ def _train(cfg: Config, acc, run_dir: Path, tok: WordTokenizer, train_split, val
             return None
         res = evaluate(raw_model, val_split, tok, cfg.eval.batch_size, cfg.data.truncate, acc,
                        autocast=acc.autocast)
+        # with the training clock, so that quality can be read against training time
         metrics.log(step, {"val/ppl": res.masked_ppl, "val/loss": res.masked_loss,
-                           "val/targets": res.num_targets})
+                           "val/targets": res.num_targets, "train_seconds": train_seconds,
+                           "tokens_seen": tokens_seen})
         bar.write(f"step {step}: validation masked perplexity {res.masked_ppl:.2f} "
                   f"({res.num_targets} targets)")
         return res.masked_ppl

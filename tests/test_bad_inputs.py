@@ -110,6 +110,19 @@ def test_bad_config(tmp_path, case):
     assert not run.exists()
 
 
+def test_adaptive_cutoffs_that_leave_no_cluster_below_the_vocabulary(tmp_path):
+    """imdb_fast's cutoffs ([2000, 10000]) on a small corpus: say so, not a torch traceback."""
+    data = write_jsonl(tmp_path / "a.jsonl", CORPUS_A)
+    run = tmp_path / "run"
+    proc = train(run, data, env={"LMCORE_CACHE": str(tmp_path / "cache")},
+                 **{"data.min_count": 1, "model.softmax": "adaptive",
+                    "model.adaptive_cutoffs": "[2000,10000]"})
+    msg = one_error_line(proc, "model.adaptive_cutoffs=[2000, 10000]", "model.softmax=full")
+    assert "vocabulary size 25" in msg  # 9 words, 12 numbers, 4 specials
+    assert not run.exists(), "a failed run left a run folder"
+    assert debris(tmp_path) == []
+
+
 # -- checkpoints ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:

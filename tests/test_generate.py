@@ -94,9 +94,10 @@ BIG = WordTokenizer([f"w{i}" for i in range(3 * CHUNK + 100)])  # several sampli
 
 
 @pytest.mark.parametrize(("arch", "precision"), [
-    ({}, "fp32"), ({}, "bf16"), ({"num_layers": 2, "tie_weights": True}, "fp32"),
+    ({}, "fp32"), ({}, "bf16"), ({}, "int8"), ({"num_layers": 2, "tie_weights": True}, "fp32"),
+    ({"num_layers": 2, "tie_weights": True}, "int8"),
     ({"softmax": "adaptive", "adaptive_cutoffs": [500, 3000]}, "fp32")],
-    ids=["plain", "plain-bf16", "2-layer-tied-proj", "adaptive"])
+    ids=["plain", "plain-bf16", "plain-int8", "2-layer-tied-proj", "tied-proj-int8", "adaptive"])
 def test_bit_identical_whatever_the_batching(arch, precision):
     """The same rows alone, in batches of 5 and all 20 at once, shuffled: the same tokens,
     bit for bit (matmuls of 1 row would take another kernel: the decoder pads to 16)."""
@@ -145,6 +146,34 @@ def test_the_decoders_lstm_and_output_layer_are_the_models(arch):
             if arch.get("softmax") == "adaptive":  # log-probabilities, up to a constant per row
                 have, w = torch.log_softmax(have, 0), torch.log_softmax(w, 0)
             torch.testing.assert_close(have, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", [{}, {"num_layers": 2, "tie_weights": True}], ids=["plain", "tied-proj"])
+def test_int8_logits_stay_within_their_rounding_bound(arch):
+    """int8 output layer: each logit is off from fp32 by at most what rounding the features
+    (half a step) and the weights (half a step of the row's scale) can add up to."""
+    m = model(BIG, **arch)
+    exact, fast = Decoder(m, BIG, SamplingParams(1.0)), Decoder(m, BIG, SamplingParams(1.0), precision="int8")
+    hs, _ = exact._read([[5, 9, 300], [7], [], [6000, 1, 2, 3, 4]])
+    feat = hs[-1] if exact.proj is None else exact._mm(hs[-1], exact.proj)
+    want = exact._logits(hs[-1]).clone()
+    got = fast._logits(hs[-1])
+    step = 1 / 127 if exact.proj is None else feat.abs().amax(dim=1, keepdim=True) / 127  # feature step
+    w = exact.head_w.double()
+    w_step = w.abs().amax(dim=1) / 127
+    feat_q = torch.round(feat.double() / step) * step
+    bound = (step / 2) * w.abs().sum(1) + (w_step / 2) * feat_q.abs().sum(1, keepdim=True) + 1e-5
+    real = torch.isfinite(want)
+    assert torch.equal(real, torch.isfinite(got))  # banned and padding columns stay -inf
+    diff = (got.double() - want.double()).abs()
+    assert bool((diff[real] <= bound.expand_as(diff)[real]).all()), float((diff - bound)[real].max())
+    assert float(diff[real].max()) > 0  # it is a different computation, not fp32 renamed
+
+
+def test_int8_refuses_the_adaptive_softmax():
+    with pytest.raises(ValueError, match="int8 is for the full softmax"):
+        Decoder(model(BIG, softmax="adaptive", adaptive_cutoffs=[500, 3000]), BIG, SamplingParams(1.0),
+                precision="int8")
 
 
 def _reference_probs(logits: torch.Tensor, params: SamplingParams) -> np.ndarray:

@@ -211,6 +211,31 @@ def test_same_bytes_with_other_batch_sizes_and_three_array_shards(run_dir, refer
     assert (out / MERGED_FILE).read_bytes() == ref.read_bytes()
 
 
+def test_int8_gives_the_same_bytes_with_other_batch_sizes_and_shards(run_dir, reference, tmp_path,
+                                                                     monkeypatch):
+    """generate.precision=int8: integer sums are exact, so splitting the work changes nothing;
+    the folder records int8, and its outputs differ from fp32's only where a draw moved."""
+    prompts, ref = reference
+    whole = gen_cfg(run_dir, tmp_path / "whole", prompts=prompts, precision="int8", **SPLIT)
+    generate_shard(whole, progress=False)
+    merge_outputs(whole)
+    expected = (tmp_path / "whole" / MERGED_FILE).read_bytes()
+    assert json.loads((tmp_path / "whole" / "manifest.json").read_text())["precision"] == "int8"
+
+    out = tmp_path / "shards"
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
+    for task in (1, 2, 0):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
+        generate_shard(gen_cfg(run_dir, out, prompts=prompts, batch_size=3, precision="int8", **SPLIT),
+                       progress=False)
+    merge_outputs(gen_cfg(run_dir, out, prompts=prompts, precision="int8", **SPLIT))
+    assert (out / MERGED_FILE).read_bytes() == expected
+    fp32_rows = [json.loads(x) for x in ref.read_bytes().splitlines()]
+    int8_rows = [json.loads(x) for x in expected.splitlines()]
+    assert [r["id"] for r in int8_rows] == [r["id"] for r in fp32_rows]
+
+
 def test_same_bytes_with_two_ddp_ranks(run_dir, reference, tmp_path):
     prompts, ref = reference
     out = tmp_path / "ddp"
