@@ -149,25 +149,10 @@ def helper_main(argv: list[str]) -> None:
                           "val_reviews": len(val), "val_targets": targets}))
     else:  # checkpoints: an lmcore checkpoint (given, or random weights) and the reference's copy
         sys.path.insert(0, str(REPO / "bench"))
-        from generate_speed import notebook_ids, save_lmcore_checkpoint, save_reference_checkpoint
-
-        from lmcore.checkpoint import load_for_inference
-        from lmcore.config import DataConfig, ModelConfig
-        from lmcore.data import fit_tokenizer
-        from lmcore.model import LSTMLM
+        from generate_speed import notebook_ids, notebook_model, save_reference_checkpoint
 
         work = Path(a.work)
-        if a.checkpoint:
-            model, tok, ckpt = load_for_inference(a.checkpoint)
-            weights = f"trained: {ckpt}"
-        else:
-            tok = fit_tokenizer(DataConfig(source=a.data))
-            torch.manual_seed(0)
-            model = LSTMLM(len(tok), ModelConfig(embedding_dim=300, hidden_dim=256), tok.pad_id).eval()
-            ckpt = save_lmcore_checkpoint(model, tok, work / "random_run")
-            weights = "random (torch.manual_seed(0))"
-        if model.adaptive is not None or model.proj is not None or model.cfg.num_layers != 1:
-            raise SystemExit("the reference format needs the notebook's architecture (1 layer, full softmax)")
+        model, tok, ckpt, weights = notebook_model(a.checkpoint, a.data, work / "random_run")
         ref = work / "reference_lm.pt"
         save_reference_checkpoint(model, notebook_ids(tok, a.data), ref)
         print(json.dumps({"checkpoint": str(ckpt), "reference_checkpoint": str(ref), "weights": weights}))

@@ -76,6 +76,29 @@ def save_lmcore_checkpoint(model, tok, run_dir: Path) -> Path:
     return w.finish(model.architecture(), tok.fingerprint, 0, keep=1)
 
 
+def notebook_model(checkpoint: str, data: str, random_run: Path):
+    """(model, tokenizer, lmcore checkpoint, what the weights are): the trained checkpoint given,
+    or the notebook's sizes with random weights (torch.manual_seed(0)) saved to random_run.
+    Either way the architecture must be the notebook's, which the reference can load."""
+    from lmcore.checkpoint import load_for_inference
+    from lmcore.config import DataConfig, ModelConfig
+    from lmcore.data import fit_tokenizer
+    from lmcore.model import LSTMLM
+
+    if checkpoint:
+        model, tok, ckpt = load_for_inference(checkpoint)
+        weights = f"trained: {ckpt}"
+    else:
+        tok = fit_tokenizer(DataConfig(source=data))
+        torch.manual_seed(0)
+        model = LSTMLM(len(tok), ModelConfig(embedding_dim=300, hidden_dim=256), tok.pad_id).eval()
+        weights = "random (torch.manual_seed(0)): speed only, the text is noise"
+        ckpt = save_lmcore_checkpoint(model, tok, random_run)
+    if model.adaptive is not None or model.proj is not None or model.cfg.num_layers != 1:
+        raise SystemExit("the reference format needs the notebook's architecture (1 layer, full softmax)")
+    return model, tok, ckpt, weights
+
+
 def save_reference_checkpoint(model, ref_ids: list[int], path: Path) -> None:
     perm = torch.tensor(ref_ids)
     sd = {}
@@ -152,27 +175,14 @@ def main() -> None:
     os.environ.setdefault("WANDB_MODE", "disabled")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from lmcore.checkpoint import load_for_inference
-    from lmcore.config import DataConfig, ModelConfig, load_config
-    from lmcore.data import fit_tokenizer
+    from lmcore.config import load_config
     from lmcore.generate import auto_precision
     from lmcore.genjob import generate_shard
-    from lmcore.model import LSTMLM
     from lmcore.sources import read_texts
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="lmcore-genbench-"))
     work.mkdir(parents=True, exist_ok=True)
-    if args.checkpoint:
-        model, tok, ckpt = load_for_inference(args.checkpoint)
-        weights = f"trained: {ckpt}"
-    else:
-        tok = fit_tokenizer(DataConfig(source=args.data))
-        torch.manual_seed(0)
-        model = LSTMLM(len(tok), ModelConfig(embedding_dim=300, hidden_dim=256), tok.pad_id).eval()
-        weights = "random (torch.manual_seed(0)): speed only, the text is noise"
-        ckpt = save_lmcore_checkpoint(model, tok, work / "run")
-    if model.adaptive is not None or model.proj is not None or model.cfg.num_layers != 1:
-        raise SystemExit("the reference format needs the notebook's architecture (1 layer, full softmax)")
+    model, tok, ckpt, weights = notebook_model(args.checkpoint, args.data, work / "run")
     ref_ckpt = work / "reference_lm.pt"
     save_reference_checkpoint(model, notebook_ids(tok, args.data), ref_ckpt)
 

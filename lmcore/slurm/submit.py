@@ -180,9 +180,7 @@ def dry_run_text(specs: list[JobSpec], profile: Profile, summary: str = "") -> s
     for spec in specs:
         params = dict(spec.params)
         if spec.depends_on:
-            extra = dict(params["additional_parameters"])
-            extra.update(dependency=f"afterok:{spec.depends_on.upper()}_JOB_ID", **KILL_ON_INVALID_DEP)
-            params["additional_parameters"] = extra
+            params = after_ok(params, f"{spec.depends_on.upper()}_JOB_ID")
         if spec.is_array:
             params["map_count"] = len(spec.calls)
         text = _make_sbatch_string(command=command, folder=folder, **params)
@@ -199,6 +197,13 @@ def dry_run_text(specs: list[JobSpec], profile: Profile, summary: str = "") -> s
         # after the shebang: each script stays one sbatch would take (#! on its first line)
         parts.append(text.replace("#!/bin/bash\n", "#!/bin/bash\n" + header, 1))
     return "\n".join(parts)
+
+
+def after_ok(params: dict[str, Any], job_id: str) -> dict[str, Any]:
+    """These sbatch parameters, to start once job_id has succeeded (and be cancelled if it fails)."""
+    extra = dict(params["additional_parameters"])
+    extra.update(dependency=f"afterok:{job_id}", **KILL_ON_INVALID_DEP)
+    return {**params, "additional_parameters": extra}
 
 
 def describe(spec: JobSpec) -> str:
@@ -238,9 +243,7 @@ def submit_plan(specs: list[JobSpec], profile: Profile) -> list[Submitted]:
     for spec in specs:
         params = dict(spec.params)
         if spec.depends_on:
-            extra = dict(params["additional_parameters"])
-            extra.update(dependency=f"afterok:{by_kind[spec.depends_on].job_id}", **KILL_ON_INVALID_DEP)
-            params["additional_parameters"] = extra
+            params = after_ok(params, by_kind[spec.depends_on].job_id)
         try:
             ex = make_executor(profile, params)
             # submitit prints sbatch's stderr itself on failure; we say it in one line below
