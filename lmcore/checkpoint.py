@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from lmcore.errors import CheckpointError
-from lmcore.fileio import atomic_write_json, fsync_dir, sha256_file
+from lmcore.fileio import atomic_write_json, fsync_dir, sha256_file, usual_permissions
 
 MANIFEST = "manifest.json"
 FORMAT = "lmcore-checkpoint"
@@ -94,6 +94,7 @@ class CheckpointWriter:
     def write_rank(self, rank: int, tensors: dict[str, torch.Tensor]) -> None:
         path = self.tmp / f"rank_{rank:05d}.safetensors"
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+        usual_permissions(path)
         _fsync(path)
 
     def write_main(self, model: torch.nn.Module, optimizer_state: dict[str, Any],
@@ -101,6 +102,8 @@ class CheckpointWriter:
         save_model(model, str(self.tmp / "model.safetensors"))
         tensors, meta = optimizer_to_files(optimizer_state)
         save_file(tensors, str(self.tmp / "optimizer.safetensors"))
+        for name in ("model.safetensors", "optimizer.safetensors"):
+            usual_permissions(self.tmp / name)
         (self.tmp / "optimizer.json").write_text(json.dumps(meta))
         (self.tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
         (self.tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")

@@ -15,6 +15,12 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def usual_permissions(path: str | os.PathLike) -> None:
+    """0666 less the umask, as open() would give: mkstemp and safetensors make 0600 files,
+    which the rest of a group on a shared cluster could not read."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -31,7 +37,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        usual_permissions(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -39,7 +39,7 @@ import torch
 
 from lmcore import checkpoint as ckpt_io
 from lmcore.errors import ConfigError, LmcoreError
-from lmcore.fileio import atomic_write, atomic_write_bytes, atomic_write_json, fsync_dir
+from lmcore.fileio import atomic_write, atomic_write_bytes, atomic_write_json, fsync_dir, usual_permissions
 from lmcore.generate import Decoder, SamplingParams, auto_precision, row_key, row_uniforms
 from lmcore.prompts import PromptRecord, PromptSource, ScanResult
 
@@ -181,7 +181,7 @@ def claim_params(out: Path, params: dict) -> None:
                 f.write(json.dumps(params, indent=2, sort_keys=True) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
+            usual_permissions(tmp)
             try:
                 os.link(tmp, path)  # fails if another process created it first
             except FileExistsError:

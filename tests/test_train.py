@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -69,6 +70,12 @@ def test_old_checkpoints_are_pruned_to_keep_checkpoints(tmp_path: Path):
     train(cfg, progress=False)
     kept = sorted(p.name for p in (tmp_path / "r/checkpoints").iterdir())
     assert kept == ["step_00000030", "step_00000040"]
+    # every file as readable by the group as anything else the user writes (umask applied),
+    # not the 0600 that mkstemp and safetensors give
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (tmp_path / "r/checkpoints/step_00000040").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
 
 
 @pytest.mark.parametrize("batching", ["padded", "packed"])
