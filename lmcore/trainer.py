@@ -155,6 +155,16 @@ def _train(cfg: Config, acc, run_dir: Path, tok: WordTokenizer, train_split, val
               f"precision {cfg.train.mixed_precision}")
 
     def save_checkpoint() -> Path | None:
+        # A finite but huge gradient can still push weights to inf/nan; saving them would make
+        # every later resume start from a broken model. Ranks hold the same weights: all agree.
+        broken = [n for n, p in raw_model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if broken:
+            previous = ckpt_io.list_checkpoints(ckpt_io.checkpoints_dir(run_dir))
+            kept = f"the last checkpoint {previous[-1]} is intact" if previous else "nothing was saved"
+            raise LmcoreError(
+                f"the weights are non-finite at step {step} ({', '.join(broken[:3])}"
+                f"{', ...' if len(broken) > 3 else ''}), so they were not saved; {kept}: lower optim.lr "
+                "or set optim.grad_clip, then resume")
         writer = ckpt_io.CheckpointWriter(run_dir, step)
         try:
             return _write_checkpoint(writer)

@@ -210,6 +210,31 @@ def test_a_nan_loss_stops_training_naming_the_step_and_keeps_the_last_checkpoint
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000010"]
 
 
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
+    """An update that leaves inf in the weights with a finite loss and gradient (an overflow
+    inside the optimizer, a flipped bit): the run stops before writing that checkpoint, and
+    the one before it stays the latest, so a resume starts from sound weights."""
+    from lmcore.errors import LmcoreError
+
+    real_step = torch.optim.Adam.step
+    calls = {"n": 0}
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    run = tmp_path / "r"
+    cfg = load_config(None, tiny_overrides(run, **{"train.max_steps": 3, "train.checkpoint_interval": 1}))
+    with pytest.raises(LmcoreError, match=r"weights are non-finite at step 2 .*step_00000001 is intact"):
+        train(cfg, progress=False)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001"]
+
+
 def test_nan_steps_can_be_skipped_and_counted(tmp_path, monkeypatch):
     _nan_on_call(monkeypatch, {3, 7})
     run = tmp_path / "r"
