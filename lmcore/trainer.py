@@ -102,6 +102,15 @@ def _train(cfg: Config, acc, run_dir: Path, tok: WordTokenizer, train_split, val
         raise LmcoreError(f"run.dir {run_dir} already holds checkpoints and train.resume=never: "
                           "use a new run.dir")
     resume_from = ckpt_io.latest_valid(run_dir) if cfg.train.resume == "auto" else None
+    existing = ckpt_io.list_checkpoints(ckpt_io.checkpoints_dir(run_dir))
+    if cfg.train.resume == "auto" and existing and resume_from is None:
+        # Starting from step 0 here would silently throw the run's progress away.
+        problems: list[str] = []
+        ckpt_io.latest_valid(run_dir, problems)
+        raise CheckpointError(
+            f"run.dir {run_dir} holds {len(existing)} checkpoint(s) and none can be read (newest: "
+            f"{problems[0]}); nothing was changed: restore a checkpoint from a backup, or start over "
+            "in a new run.dir")
     if resume_from is not None:
         saved = WordTokenizer.load(resume_from / "tokenizer.json")
         if saved.fingerprint != tok.fingerprint:

@@ -112,6 +112,22 @@ def test_a_damaged_latest_checkpoint_is_skipped_on_resume(tmp_path: Path):
     assert resumed.step == 25  # continued from step 10, the last good one
 
 
+def test_when_every_checkpoint_is_damaged_the_run_refuses_rather_than_start_over(tmp_path: Path):
+    run = tmp_path / "r"
+    train(load_config(None, tiny_overrides(run, **{"train.max_steps": 20})), progress=False)
+    for ckpt in (run / "checkpoints").iterdir():
+        weights = ckpt / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    from lmcore.errors import CheckpointError
+
+    refused = pytest.raises(CheckpointError, match="holds 2 checkpoint.*none can be read")
+    with pytest.warns(UserWarning), refused:
+        train(load_config(None, tiny_overrides(run, **{"train.max_steps": 25})), progress=False)
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before  # nothing overwritten, nothing pruned
+
+
 def test_mixed_precision_bf16_trains(tmp_path: Path):
     cfg = load_config(None, tiny_overrides(tmp_path / "r", **{"train.max_steps": 20,
                                                               "train.mixed_precision": "bf16"}))
