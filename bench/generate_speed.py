@@ -147,6 +147,8 @@ def step_profile(model, tok, rows: int, precision: str, reps: int = 5) -> dict:
         parts = {"output_matmul_ms": best(lambda: dec._logits(h[-1])),
                  "sampling_ms": best(lambda: pick_tokens(logits, u, dec.params, dec.width)),
                  "lstm_step_ms": best(lambda: dec._step(toks, h, c))}
+        if dec.int8_fused:  # what the job runs for int8 plain sampling: the two above in one pass
+            parts["int8_fused_logits_and_sampling_ms"] = best(lambda: dec._int8_sample(h[-1], rows, u))
     vocab = dec.head_b.shape[0]
     flops = 2 * rows * dec.hidden * vocab  # int8: integer operations
     parts["output_matmul_gflops"] = round(flops / parts["output_matmul_ms"] / 1e6, 1)

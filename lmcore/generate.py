@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -189,14 +189,19 @@ def _chunk_masses(logits: torch.Tensor, width: int) -> tuple[torch.Tensor, torch
     cmax = torch.empty(m, n, dtype=logits.dtype, device=logits.device)
     csum = torch.empty_like(cmax)
     buf = torch.empty(m, width, dtype=logits.dtype, device=logits.device)
-    low = torch.finfo(logits.dtype).min  # an all -inf chunk: exp(-inf - low) = 0, not nan
     for c in range(n):
-        part = logits[:, c * width:(c + 1) * width]
-        mx = part.amax(dim=1, keepdim=True).clamp_min_(low)
-        torch.sub(part, mx, out=buf).exp_()
-        torch.sum(buf, dim=1, out=csum[:, c])
-        cmax[:, c:c + 1] = mx
+        _chunk_mass(logits[:, c * width:(c + 1) * width], buf, cmax[:, c:c + 1], csum[:, c])
     return cmax, csum
+
+
+def _chunk_mass(part: torch.Tensor, buf: torch.Tensor, cmax: torch.Tensor, csum: torch.Tensor) -> None:
+    """cmax (M, 1) = the chunk's max logit per row, csum (M,) = sum of exp(logit - max);
+    buf (M, width) is scratch (part may be buf itself)."""
+    low = torch.finfo(part.dtype).min  # an all -inf chunk: exp(-inf - low) = 0, not nan
+    mx = part.amax(dim=1, keepdim=True).clamp_min_(low)
+    torch.sub(part, mx, out=buf).exp_()
+    torch.sum(buf, dim=1, out=csum)
+    cmax.copy_(mx)
 
 
 def pick_tokens(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams, width: int) -> torch.Tensor:
@@ -211,19 +216,29 @@ def pick_tokens(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams, w
         vals, idx = torch.topk(logits, k, dim=1)
         return idx.gather(1, _sample_sorted(vals, u, params.top_p).unsqueeze(1)).squeeze(1)
     cmax, csum = _chunk_masses(logits, width)
+    if params.top_p < 1.0:
+        gmax = cmax.amax(dim=1, keepdim=True)
+        total = (csum * torch.exp(cmax - gmax)).sum(dim=1, keepdim=True)
+        return _top_p(logits, u, params.top_p, gmax, total)
+    rows = torch.arange(m, device=logits.device)
+    return sample_by_chunks(cmax, csum, u, lambda chunk: logits.view(m, vp // width, width)[rows, chunk],
+                            width)
+
+
+def sample_by_chunks(cmax: torch.Tensor, csum: torch.Tensor, u: torch.Tensor,
+                     chunk_logits: Callable[[torch.Tensor], torch.Tensor], width: int) -> torch.Tensor:
+    """Inverse CDF in two levels: the chunk from the per-chunk masses (M, chunks) (max logit,
+    sum of exp(logit - max)), then the word inside it; chunk_logits(chunk ids (M,)) gives
+    each row's chosen chunk (M, width). Only one chunk per row is looked at twice."""
     gmax = cmax.amax(dim=1, keepdim=True)
     mass = csum * torch.exp(cmax - gmax)  # (M, chunks), relative to the row's max
-    if params.top_p < 1.0:
-        return _top_p(logits, u, params.top_p, gmax, mass.sum(dim=1, keepdim=True))
     cum = mass.cumsum(dim=1)
     target = (u.unsqueeze(1) * cum[:, -1:]).clamp_min(_TINY)
     chunk = _inverse_cdf(cum, target)
     col = chunk.unsqueeze(1)
     before = cum.gather(1, col) - mass.gather(1, col)
     frac = ((target - before) / mass.gather(1, col)).clamp_(0.0, 1.0)
-    rows = torch.arange(m, device=logits.device)
-    part = logits.view(m, vp // width, width)[rows, chunk]  # (M, width): the chosen chunk
-    cdf = torch.exp(part - cmax.gather(1, col)).cumsum(dim=1)
+    cdf = torch.exp(chunk_logits(chunk) - cmax.gather(1, col)).cumsum(dim=1)
     return chunk * width + _inverse_cdf(cdf, frac * cdf[:, -1:])
 
 
@@ -289,6 +304,8 @@ class Decoder:
         self.tok = tok
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.int8 = precision == "int8"
+        self.int8_fused = False
+        self._acc: torch.Tensor | None = None  # int8: the integer logits of a step
         self.mm_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.fixed_rows = fixed_rows
         self._buf: torch.Tensor | None = None  # the logits of a step
@@ -334,6 +351,10 @@ class Decoder:
                 # a feature quantized as round(h * 127) (|h| < 1 when h is the LSTM's output)
                 self.head_mult = scale / 127
                 self.head_w = None
+        p = params
+        # int8, plain sampling: the logits never exist in full (see _int8_sample)
+        self.int8_fused = (self.int8 and self.proj is None and not p.greedy and not p.top_k
+                           and p.top_p >= 1.0)
 
     # -- pieces -------------------------------------------------------------------------------
     def _rows(self, m: int) -> int:
@@ -413,6 +434,36 @@ class Decoder:
                 torch.addcmul(self.head_b, dest, self.head_mult, out=dest)
         return out
 
+    def _int8_sample(self, feat: torch.Tensor, m: int, u: torch.Tensor) -> torch.Tensor:
+        """Plain sampling from the int8 output layer without writing the float logits out:
+        per block of INT8_ROWS rows, the integer matmul, then chunk by chunk the scaled logits
+        (in cache) reduced to the chunk's max and mass at once; afterwards only each row's chosen
+        chunk is scaled again. The same numbers as _logits + pick_tokens, one memory pass less."""
+        q = torch.round(feat * 127).clamp_(-127, 127).to(torch.int8)
+        rows, vp, w = len(q), self.head_b.shape[0], self.width
+        n = vp // w
+        if self._acc is None or self._acc.shape[0] < rows:
+            self._acc = torch.empty(rows, vp, dtype=torch.int32, device=self.device)
+        acc = self._acc[:rows]
+        cmax = torch.empty(rows, n, device=self.device)
+        csum = torch.empty(rows, n, device=self.device)
+        buf = torch.empty(min(INT8_ROWS, rows), w, device=self.device)
+        for lo in range(0, rows, INT8_ROWS):
+            hi = min(lo + INT8_ROWS, rows)
+            block, scratch = acc[lo:hi], buf[: hi - lo]
+            torch._int_mm(q[lo:hi], self.head_q.t(), out=block)
+            for c in range(n):
+                cols = slice(c * w, (c + 1) * w)
+                torch.addcmul(self.head_b[cols], block[:, cols], self.head_mult[cols], out=scratch)
+                _chunk_mass(scratch, scratch, cmax[lo:hi, c : c + 1], csum[lo:hi, c])
+        live = torch.arange(m, device=self.device)
+
+        def chunk_logits(chunk: torch.Tensor) -> torch.Tensor:
+            ints = acc[:m].view(m, n, w)[live, chunk]
+            return torch.addcmul(self.head_b.view(n, w)[chunk], ints, self.head_mult.view(n, w)[chunk])
+
+        return sample_by_chunks(cmax[:m], csum[:m], u.to(torch.float32), chunk_logits, w)
+
     def _read(self, prompts: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """State after `<bos>` + each prompt, rows in the given order (prompts read once:
         equal prompts share the work)."""
@@ -471,8 +522,10 @@ class Decoder:
         alive = torch.arange(n, device=self.device)  # original row of each live state row
         for t in range(steps):
             m = len(alive)
-            logits = self._logits(hs[-1])[:m]
-            nxt = pick_tokens(logits, u_all[alive, t], self.params, self.width)
+            if self.int8_fused:
+                nxt = self._int8_sample(hs[-1], m, u_all[alive, t])
+            else:
+                nxt = pick_tokens(self._logits(hs[-1])[:m], u_all[alive, t], self.params, self.width)
             out[alive, t] = nxt
             stop = nxt == self.eos
             if bool(stop.any()):
