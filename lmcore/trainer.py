@@ -126,8 +126,11 @@ def _train(cfg: Config, acc, run_dir: Path, tok: WordTokenizer, train_split, val
 
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     model = LSTMLM(len(tok), cfg.model, tok.pad_id, cfg.train.loss_chunk)
+    # fused: one kernel for the whole update (CPU and CUDA); 0.10 -> 0.02 s a step at the
+    # notebook's size on 2 CPU cores, the same update rule
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                 eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+                                 eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
+                                 fused=acc.device.type in ("cpu", "cuda"))
     step, epoch, index, tokens_seen, train_seconds, skipped = 0, 0, 0, 0, 0.0, 0
     state = None
     torch.manual_seed(cfg.run.seed * 1000 + rank)  # dropout stream per rank
