@@ -76,7 +76,7 @@ class TrainConfig:
     max_steps: int = 0  # optimizer steps; 0 = run the epochs
     grad_accum: int = 1
     mixed_precision: Literal["no", "bf16"] = "no"
-    loss_chunk: int = 256  # rows per chunk of the fused projection + loss (0 = plain PyTorch)
+    loss_chunk: int = 128  # rows per chunk of the fused projection + loss (0 = plain PyTorch)
     log_interval: int = 20
     eval_interval: int = 0  # validate every N steps (0 = only at the end)
     checkpoint_interval: int = 500

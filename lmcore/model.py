@@ -41,7 +41,7 @@ def adaptive_cutoffs(cfg: ModelConfig, vocab_size: int) -> list[int]:
 
 
 class LSTMLM(nn.Module):
-    def __init__(self, vocab_size: int, cfg: ModelConfig, pad_id: int, loss_chunk: int = 256):
+    def __init__(self, vocab_size: int, cfg: ModelConfig, pad_id: int, loss_chunk: int = 128):
         super().__init__()
         self.vocab_size = vocab_size
         self.cfg = cfg
