@@ -1,0 +1,224 @@
+"""Sampling: the per-row random streams and the draw of one token per row from logits.
+
+Plain sampling is inverse-CDF in two levels: per row, the mass of each vocabulary chunk
+(max, exp and sum while the chunk is in cache), then a cumulative sum inside the one chunk
+the uniform falls in. No sort unless top-p needs one (and then first among the top 64, then
+1024 candidates, sorting the whole row only for rows whose nucleus is larger); greedy and
+top-k=1 are an argmax. Every operation is row-local, so a row's token cannot depend on its
+batch. Each row draws from its own counter-based stream keyed by (seed, prompt id, sample
+index): splitmix64 in numpy, the same numbers on every machine and library version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CHUNK = 2048  # vocabulary columns per chunk of the sampling pass (in cache while used)
+TOP_P_CANDIDATES = (64, 1024)  # nucleus search: these many top tokens first, then a full sort
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    max_new_tokens: int = 50
+
+    @property
+    def greedy(self) -> bool:
+        """Greedy decoding: temperature 0, or top-k 1 (the same argmax, by construction)."""
+        return self.temperature == 0 or self.top_k == 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- per-row random streams ------------------------------------------------------------------
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def row_key(seed: int, prompt_id: int | str, sample_index: int = 0) -> int:
+    """The 64-bit key of one (seed, prompt id, sample) stream. Ids 7 and "7" differ."""
+    payload = json.dumps([int(seed), prompt_id, int(sample_index)], ensure_ascii=True,
+                         separators=(",", ":"))
+    return int.from_bytes(hashlib.blake2b(payload.encode("ascii"), digest_size=8).digest(), "little")
+
+
+def row_uniforms(keys: Sequence[int] | np.ndarray, steps: int) -> np.ndarray:
+    """(len(keys), steps) uniforms in [0, 1): output t of the splitmix64 stream seeded by
+    each key (53-bit floats). Pure integer arithmetic: identical on every platform."""
+    k = np.asarray(keys, dtype=np.uint64).reshape(-1, 1)
+    t = np.arange(1, steps + 1, dtype=np.uint64).reshape(1, -1)
+    with np.errstate(over="ignore"):
+        z = k + t * _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+class RowStream:
+    """The random stream owned by one (prompt, sample): the same draws in any batch or shard."""
+
+    def __init__(self, key: int):
+        self.key = key
+
+    def uniforms(self, steps: int) -> np.ndarray:
+        return row_uniforms([self.key], steps)[0]
+
+
+def row_generator(seed: int, prompt_id: int | str, sample_index: int = 0) -> RowStream:
+    return RowStream(row_key(seed, prompt_id, sample_index))
+
+
+def uniforms_from(generators: Sequence, steps: int) -> np.ndarray:
+    rows = []
+    for g in generators:
+        if isinstance(g, RowStream):
+            rows.append(g.uniforms(steps))
+        elif isinstance(g, torch.Generator):  # older callers: a seeded torch generator per row
+            rows.append(torch.rand(steps, generator=g, dtype=torch.float64).numpy())
+        else:
+            raise TypeError(f"expected RowStream or torch.Generator, got {type(g).__name__}")
+    return np.stack(rows) if rows else np.zeros((0, steps))
+
+# -- sampling from logits ---------------------------------------------------------------------
+def chunk_layout(vocab: int) -> tuple[int, int]:
+    """(chunk width, number of chunks): chunks of about CHUNK columns, width a multiple of 16,
+    covering the vocabulary with as little padding as possible."""
+    if vocab <= CHUNK:
+        return vocab, 1
+    n = math.ceil(vocab / CHUNK)
+    width = math.ceil(math.ceil(vocab / n) / 16) * 16
+    return width, math.ceil(vocab / width)
+
+
+def _inverse_cdf(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index whose CDF reaches target (M, 1). A zero-probability entry is
+    a flat stretch of the CDF, never the first to reach a positive target."""
+    return torch.searchsorted(cdf, target.clamp_min(_TINY)).clamp_max(cdf.shape[1] - 1).squeeze(1)
+
+
+def _sample_sorted(vals: torch.Tensor, u: torch.Tensor, top_p: float, row_max: torch.Tensor | None = None,
+                   total: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions drawn from candidates sorted by logit, descending (M, K). total: the whole
+    row's mass relative to row_max (top-p alone: the nucleus is a share of every token);
+    None: the candidates are all there is (top-k)."""
+    ref = vals[:, :1] if row_max is None else row_max
+    e = torch.exp(vals - ref)
+    if top_p < 1.0:
+        cs = e.cumsum(dim=1)
+        whole = cs[:, -1:] if total is None else total
+        before = cs - e  # mass of strictly more likely candidates
+        e = e.masked_fill(before >= top_p * whole, 0.0)
+    cs = e.cumsum(dim=1)
+    return _inverse_cdf(cs, u.unsqueeze(1) * cs[:, -1:])
+
+
+def _chunk_masses(logits: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row and chunk: the max logit and sum(exp(logit - that max))."""
+    m, vp = logits.shape
+    n = vp // width
+    cmax = torch.empty(m, n, dtype=logits.dtype, device=logits.device)
+    csum = torch.empty_like(cmax)
+    buf = torch.empty(m, width, dtype=logits.dtype, device=logits.device)
+    for c in range(n):
+        chunk_mass(logits[:, c * width:(c + 1) * width], buf, cmax[:, c:c + 1], csum[:, c])
+    return cmax, csum
+
+
+def chunk_mass(part: torch.Tensor, buf: torch.Tensor, cmax: torch.Tensor, csum: torch.Tensor) -> None:
+    """cmax (M, 1) = the chunk's max logit per row, csum (M,) = sum of exp(logit - max);
+    buf (M, width) is scratch (part may be buf itself)."""
+    low = torch.finfo(part.dtype).min  # an all -inf chunk: exp(-inf - low) = 0, not nan
+    mx = part.amax(dim=1, keepdim=True).clamp_min_(low)
+    torch.sub(part, mx, out=buf).exp_()
+    torch.sum(buf, dim=1, out=csum)
+    cmax.copy_(mx)
+
+
+def pick_tokens(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams, width: int) -> torch.Tensor:
+    """One token per row of (M, Vp) logits, already divided by the temperature, banned and
+    padding columns at -inf, Vp a multiple of width; u: (M,) uniforms in [0, 1)."""
+    if params.greedy:
+        return logits.argmax(dim=1)
+    u = u.to(device=logits.device, dtype=logits.dtype)
+    m, vp = logits.shape
+    if params.top_k:
+        k = min(params.top_k, vp)
+        vals, idx = torch.topk(logits, k, dim=1)
+        return idx.gather(1, _sample_sorted(vals, u, params.top_p).unsqueeze(1)).squeeze(1)
+    cmax, csum = _chunk_masses(logits, width)
+    if params.top_p < 1.0:
+        gmax = cmax.amax(dim=1, keepdim=True)
+        total = (csum * torch.exp(cmax - gmax)).sum(dim=1, keepdim=True)
+        return _top_p(logits, u, params.top_p, gmax, total)
+    rows = torch.arange(m, device=logits.device)
+    return sample_by_chunks(cmax, csum, u, lambda chunk: logits.view(m, vp // width, width)[rows, chunk],
+                            width)
+
+
+def sample_by_chunks(cmax: torch.Tensor, csum: torch.Tensor, u: torch.Tensor,
+                     chunk_logits: Callable[[torch.Tensor], torch.Tensor], width: int) -> torch.Tensor:
+    """Inverse CDF in two levels: the chunk from the per-chunk masses (M, chunks) (max logit,
+    sum of exp(logit - max)), then the word inside it; chunk_logits(chunk ids (M,)) gives
+    each row's chosen chunk (M, width). Only one chunk per row is looked at twice."""
+    gmax = cmax.amax(dim=1, keepdim=True)
+    mass = csum * torch.exp(cmax - gmax)  # (M, chunks), relative to the row's max
+    cum = mass.cumsum(dim=1)
+    target = (u.unsqueeze(1) * cum[:, -1:]).clamp_min(_TINY)
+    chunk = _inverse_cdf(cum, target)
+    col = chunk.unsqueeze(1)
+    before = cum.gather(1, col) - mass.gather(1, col)
+    frac = ((target - before) / mass.gather(1, col)).clamp_(0.0, 1.0)
+    cdf = torch.exp(chunk_logits(chunk) - cmax.gather(1, col)).cumsum(dim=1)
+    return chunk * width + _inverse_cdf(cdf, frac * cdf[:, -1:])
+
+
+def _top_p(logits: torch.Tensor, u: torch.Tensor, top_p: float, gmax: torch.Tensor,
+           total: torch.Tensor) -> torch.Tensor:
+    """Nucleus sampling without sorting whole rows unless the nucleus is that large."""
+    m, vp = logits.shape
+    out = torch.empty(m, dtype=torch.long, device=logits.device)
+    rows = torch.arange(m, device=logits.device)
+    for k in (*[c for c in TOP_P_CANDIDATES if c < vp], vp):
+        sub = logits if len(rows) == m else logits[rows]
+        if k < vp:
+            vals, idx = torch.topk(sub, k, dim=1)
+            mass = torch.exp(vals - gmax[rows]).cumsum(dim=1)[:, -1]  # as _sample_sorted sums it
+            covered = mass >= top_p * total[rows].squeeze(1)
+        else:
+            vals, idx = torch.sort(sub, dim=1, descending=True, stable=True)
+            covered = torch.ones(len(rows), dtype=torch.bool, device=logits.device)
+        if bool(covered.any()):
+            pos = _sample_sorted(vals[covered], u[rows][covered], top_p, gmax[rows][covered],
+                                 total[rows][covered])
+            out[rows[covered]] = idx[covered].gather(1, pos.unsqueeze(1)).squeeze(1)
+        rows = rows[~covered]
+        if len(rows) == 0:
+            break
+    return out
+
+
+def sample_next(logits: torch.Tensor, uniforms: torch.Tensor, params: SamplingParams,
+                banned: list[int]) -> torch.Tensor:
+    """One token per row from raw (B, V) logits, by inverse CDF on the given (B,) uniforms."""
+    logits = logits.detach().float().clone()
+    logits[:, banned] = float("-inf")
+    if not params.greedy and params.temperature != 1.0:
+        logits /= params.temperature
+    width, n = chunk_layout(logits.shape[1])
+    if n * width > logits.shape[1]:
+        logits = F.pad(logits, (0, n * width - logits.shape[1]), value=float("-inf"))
+    return pick_tokens(logits, uniforms, params, width)
