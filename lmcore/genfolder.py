@@ -1,0 +1,202 @@
+"""A bulk generation output folder: its layout, its shards and chunks, and its params.json.
+
+    OUTPUT_DIR/
+      params.json              what the folder holds: checkpoint, prompts file, sampling
+                               parameters, chunk size, precision; checked on every start
+      rejects.jsonl            bad prompt lines (generate.bad_lines=skip)
+      chunks/chunk-00000012.jsonl   the completions of input lines 12*C .. 13*C-1
+      generations.jsonl        the merged output, in input order   (after the merge)
+      manifest.json            counts, checksums, parameters       (after the merge)
+
+A folder holds one experiment: params.json is claimed once (atomically, first writer wins)
+and every later start, on any shard or rank, must match it or is refused, naming the field.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmcore import checkpoint as ckpt_io
+from lmcore.errors import ConfigError, LmcoreError
+from lmcore.fileio import fsync_dir, usual_permissions
+from lmcore.generate import auto_precision
+from lmcore.prompts import PromptSource, ScanResult
+
+FORMAT = "lmcore-generations"
+VERSION = 1
+PARAMS_FILE = "params.json"
+MANIFEST_FILE = "manifest.json"
+MERGED_FILE = "generations.jsonl"
+REJECTS_FILE = "rejects.jsonl"
+CHUNKS_DIR = "chunks"
+
+
+class GenerationError(LmcoreError):
+    pass
+
+
+# -- where this process stands ---------------------------------------------------------------
+def resolve_shard(num_shards: int, shard_index: int, env: dict[str, str] | None = None) -> tuple[int, int]:
+    """(shard, number of shards): explicit values, else the SLURM array task, else (0, 1)."""
+    env = os.environ if env is None else env
+
+    def env_int(name: str, default: int) -> int:
+        try:
+            return int(env.get(name, "") or default)
+        except ValueError:
+            return default
+
+    in_array = "SLURM_ARRAY_TASK_ID" in env
+    n = num_shards or (env_int("SLURM_ARRAY_TASK_COUNT", 1) if in_array else 1)
+    s = shard_index
+    if s < 0:
+        if in_array:
+            first = env_int("SLURM_ARRAY_TASK_MIN", 0)
+            step = max(env_int("SLURM_ARRAY_TASK_STEP", 1), 1)
+            s = (env_int("SLURM_ARRAY_TASK_ID", 0) - first) // step
+        else:
+            s = 0
+    if not 0 <= s < n:
+        raise ConfigError(f"generate.shard_index {s} is out of range for {n} shards (0 .. {n - 1}); "
+                          "set generate.num_shards to the array size")
+    return s, n
+
+
+def chunk_name(c: int) -> str:
+    return f"chunk-{c:08d}.jsonl"
+
+
+def chunk_path(out: Path, c: int) -> Path:
+    return out / CHUNKS_DIR / chunk_name(c)
+
+
+def done_chunks(out: Path) -> set[int]:
+    folder = out / CHUNKS_DIR
+    if not folder.is_dir():
+        return set()
+    found = set()
+    for p in folder.iterdir():
+        name = p.name
+        if name.startswith("chunk-") and name.endswith(".jsonl"):
+            with contextlib.suppress(ValueError):
+                found.add(int(name[6:-6]))
+    return found
+
+
+# -- the folder's parameters -----------------------------------------------------------------
+def checkpoint_info(ckpt: Path) -> dict[str, Any]:
+    manifest = ckpt_io.read_manifest(ckpt)
+    return {"path": str(ckpt), "step": manifest.get("step"),
+            "model_sha256": manifest["files"]["model.safetensors"]["sha256"],
+            "tokenizer_fingerprint": manifest["tokenizer_fingerprint"],
+            "architecture": manifest.get("architecture")}
+
+
+def sampling_dict(g) -> dict[str, Any]:
+    return {"temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p,
+            "max_new_tokens": g.max_new_tokens, "samples_per_prompt": g.samples_per_prompt, "seed": g.seed}
+
+
+def job_params(cfg, ckpt: dict, source: PromptSource, scan: ScanResult, precision: str) -> dict[str, Any]:
+    g = cfg.generate
+    prompts = {"source": source.describe(), **scan.describe(), "chunks": len(scan.chunk_records)}
+    return {"format": FORMAT, "version": VERSION, "checkpoint": ckpt, "prompts": prompts,
+            "sampling": sampling_dict(g), "chunk_size": g.chunk_size, "precision": precision}
+
+
+# What must agree for two runs to share a folder (paths may differ: files move).
+_CHECKED = [
+    ("format", ("format",)), ("version", ("version",)),
+    ("checkpoint (sha256 of model.safetensors)", ("checkpoint", "model_sha256")),
+    ("tokenizer", ("checkpoint", "tokenizer_fingerprint")),
+    ("prompts (kind)", ("prompts", "kind")), ("prompts (sha256 of the file)", ("prompts", "sha256")),
+    ("prompts (lines or num_samples)", ("prompts", "lines")),
+    ("prompts (valid records)", ("prompts", "records")),
+    *[(f"generate.{k}", ("sampling", k)) for k in
+      ("temperature", "top_k", "top_p", "max_new_tokens", "samples_per_prompt", "seed")],
+    ("generate.chunk_size", ("chunk_size",)), ("precision", ("precision",)),
+]
+
+
+def params_diff(theirs: dict, ours: dict) -> list[str]:
+    def get(d: dict, path: tuple[str, ...]) -> Any:
+        for k in path:
+            d = d.get(k) if isinstance(d, dict) else None
+        return d
+
+    return [f"{name}: folder {get(theirs, path)!r}, now {get(ours, path)!r}"
+            for name, path in _CHECKED if get(theirs, path) != get(ours, path)]
+
+
+def read_params(out: Path, wait_s: float = 5.0) -> dict | None:
+    path = out / PARAMS_FILE
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError) as e:  # being written by a process without hard links
+            if time.monotonic() > deadline:
+                raise GenerationError(f"{path} is unreadable ({e}); delete it only if the folder is "
+                                      "empty of chunks, or use a new generate.output_dir") from None
+            time.sleep(0.2)
+
+
+def claim_params(out: Path, params: dict) -> None:
+    """Create params.json if absent (exactly one creator wins), else require agreement."""
+    path = out / PARAMS_FILE
+    existing = read_params(out)
+    if existing is None:
+        if done_chunks(out):
+            raise GenerationError(f"output folder {out} holds chunk files but no {PARAMS_FILE}; "
+                                  "use a new generate.output_dir")
+        out.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{PARAMS_FILE}.", suffix=".tmp", dir=out)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(params, indent=2, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            usual_permissions(tmp)
+            try:
+                os.link(tmp, path)  # fails if another process created it first
+            except FileExistsError:
+                pass
+            except OSError:  # no hard links here: exclusive create instead
+                with contextlib.suppress(FileExistsError), open(path, "x", encoding="utf-8") as f:
+                    f.write(Path(tmp).read_text(encoding="utf-8"))
+                    f.flush()
+                    os.fsync(f.fileno())
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        fsync_dir(out)
+        existing = read_params(out)
+    diff = params_diff(existing or {}, params)
+    if diff:
+        hint = ""
+        theirs = (existing or {}).get("checkpoint", {})
+        if theirs.get("model_sha256") != params["checkpoint"]["model_sha256"]:
+            hint = f" (the folder was made from checkpoint {theirs.get('path')}: pin generate.checkpoint)"
+        raise GenerationError(
+            f"output folder {out} holds generations made with other settings ({'; '.join(diff)}){hint}; "
+            "mixing them would make one file of two experiments: use a new generate.output_dir, or "
+            "the settings the folder was made with")
+
+
+def resolve_precision(setting: str, out: Path, device: torch.device) -> str:
+    """auto: what the folder already uses (outputs depend on it), else what is fast here."""
+    if setting != "auto":
+        return setting
+    existing = read_params(out)
+    if existing and existing.get("precision") in ("fp32", "bf16", "int8"):
+        return existing["precision"]
+    return auto_precision(device)
