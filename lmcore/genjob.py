@@ -1,13 +1,6 @@
 """The bulk generation job: sharded over SLURM array tasks and DDP ranks, resumable, merged.
-(The folder's layout, shards, chunks and params.json: lmcore/genfolder.py.)
-
-    OUTPUT_DIR/
-      params.json              what the folder holds: checkpoint, prompts file, sampling
-                               parameters, chunk size, precision; checked on every start
-      rejects.jsonl            bad prompt lines (generate.bad_lines=skip)
-      chunks/chunk-00000012.jsonl   the completions of input lines 12*C .. 13*C-1
-      generations.jsonl        the merged output, in input order   (after the merge)
-      manifest.json            counts, checksums, parameters       (after the merge)
+What the output folder holds (params.json, chunks/, rejects.jsonl, generations.jsonl,
+manifest.json) and how it is claimed: lmcore/genfolder.py.
 
 Work is cut into chunks of `generate.chunk_size` input lines. Chunk c belongs to shard
 c % num_shards (SLURM array task), and within the shard the j-th chunk goes to rank
