@@ -94,7 +94,7 @@ class Decoder:
     precision: "fp32"; "bf16" (matmuls in bfloat16, LSTM cell and sampling in float32); or
     "int8" (the output layer only: weights int8 per vocabulary row, the LSTM output int8 at
     the fixed scale 1/127 since |h| < 1, integer products summed exactly in int32, then
-    scaled back in float32; on a CPU with VNNI its matmul is ~4x fp32's. Integer sums are
+    scaled back in float32; on this VNNI CPU its matmul takes ~0.4x fp32's time. Integer sums are
     exact, so a row's logits cannot depend on its batch.)
     fixed_rows: pad every step to this many rows (CUDA: the same kernels every step);
     0 = at least MIN_ROWS.
@@ -105,7 +105,8 @@ class Decoder:
         if precision not in ("fp32", "bf16", "int8"):
             raise ValueError(f"precision must be fp32, bf16 or int8, got {precision!r}")
         if precision == "int8" and not hasattr(torch, "_int_mm"):
-            raise ValueError(f"precision int8 needs torch >= 2.4 (this is {torch.__version__}): use fp32")
+            raise ValueError(f"precision int8 needs torch._int_mm, which torch {torch.__version__} "
+                             "lacks: use fp32")
         if precision == "int8" and getattr(model, "adaptive", None) is not None:
             raise ValueError("precision int8 is for the full softmax; this model uses the adaptive "
                              "softmax: use fp32 or bf16")
