@@ -121,7 +121,7 @@ def helper_main(argv: list[str]) -> None:
         print(json.dumps(out))
     elif a.name == "setup":
         from lmcore.config import DataConfig
-        from lmcore.data import cache_root, fit_tokenizer, load_split, strided
+        from lmcore.data.cache import cache_root, fit_tokenizer, load_split, strided
 
         cfg = DataConfig(source=a.data)
         root = cache_root(cfg)

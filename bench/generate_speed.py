@@ -5,7 +5,7 @@ same run (absolute speeds drift with the machine and its load; the ratio is the 
     python bench/generate_speed.py --checkpoint runs/x   # a trained lmcore model instead
 
 What it does:
-  1. the real vocabulary: lmcore.data.fit_tokenizer on --data (IMDB train; cached);
+  1. the real vocabulary: lmcore.data.cache.fit_tokenizer on --data (IMDB train; cached);
   2. a model of the notebook's sizes (Embedding 300, LSTM 256, Linear to the vocabulary),
      random weights (torch.manual_seed(0)) unless --checkpoint is given;
   3. saves it twice: as an lmcore checkpoint, and as the reference's format
@@ -14,7 +14,7 @@ What it does:
   4. runs the reference (`gen --prompts 40 --max-len 50`: 40 prompts of <bos> + 5 words,
      50 new words at T = 0.3, whole prefix re-run per word), then ours (--prompts test
      reviews' first 5 words as a JSONL file, --new-tokens each, T = 0.3) through
-     lmcore.genjob.generate_shard for each precision and batch size, then the reference
+     lmcore.gen.job.generate_shard for each precision and batch size, then the reference
      again; the ratio uses the mean of the two reference runs;
   5. times the parts of one decoding step (output matmul, sampling pass, LSTM step);
   6. prints a table and writes JSON (--out).
@@ -49,8 +49,8 @@ SHARED = Path(os.environ.get("LMCORE_SHARED", REPO.parent / "shared"))
 def notebook_ids(tok, source: str) -> list[int]:
     """For each lmcore id, the notebook's id of the same word: words in first-seen order over
     IMDB train, then <unk> <pad> <bos> <eos>."""
-    from lmcore.sources import read_texts
-    from lmcore.tokenizer import SPECIALS
+    from lmcore.data.sources import read_texts
+    from lmcore.data.tokenizer import SPECIALS
 
     order: dict[str, None] = {}
     for text in read_texts(source, "train", "text"):
@@ -82,7 +82,7 @@ def notebook_model(checkpoint: str, data: str, random_run: Path):
     Either way the architecture must be the notebook's, which the reference can load."""
     from lmcore.checkpoint import load_for_inference
     from lmcore.config import DataConfig, ModelConfig
-    from lmcore.data import fit_tokenizer
+    from lmcore.data.cache import fit_tokenizer
     from lmcore.model import LSTMLM
 
     if checkpoint:
@@ -125,7 +125,7 @@ def run_reference(script: Path, data: str, ckpt: Path, prompts: int, max_len: in
 
 def step_profile(model, tok, rows: int, precision: str, reps: int = 5) -> dict:
     """Milliseconds per decoding step, by part, at `rows` rows (T = 0.3 plain sampling)."""
-    from lmcore.generate import Decoder, SamplingParams, pick_tokens
+    from lmcore.gen.decoder import Decoder, SamplingParams, pick_tokens
 
     dec = Decoder(model, tok, SamplingParams(0.3, max_new_tokens=1), "cpu", precision)
     h = [torch.randn(rows, dec.hidden).tanh() for _ in dec.layers]
@@ -178,9 +178,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from lmcore.config import load_config
-    from lmcore.generate import auto_precision
-    from lmcore.genjob import generate_shard
-    from lmcore.sources import read_texts
+    from lmcore.data.sources import read_texts
+    from lmcore.gen.decoder import auto_precision
+    from lmcore.gen.job import generate_shard
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="lmcore-genbench-"))
     work.mkdir(parents=True, exist_ok=True)

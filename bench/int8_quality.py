@@ -6,7 +6,7 @@
 Reads test reviews as the evaluation does (`<bos>` + first 256 words + `<eos>`, every
 --stride-th review), runs the trained model over them, and at every real position compares
 the generation decoder's output layer in fp32 and in int8 (the same code the bulk job runs:
-lmcore.generate.Decoder._logits). Prints and writes (--out, JSON):
+lmcore.gen.decoder.Decoder._logits). Prints and writes (--out, JSON):
   * masked perplexity of the next word with each (int8 as a scorer: how much it costs);
   * mean KL(fp32 || int8) and mean total-variation distance of the sampling distribution at
     each --temperatures (TV bounds the chance that one draw differs under the best coupling);
@@ -40,11 +40,11 @@ def main() -> None:
     p.add_argument("--out", default="")
     args = p.parse_args()
 
-    from lmcore.batching import IGNORE, review_rows, rows_to_batch
     from lmcore.checkpoint import load_for_inference
     from lmcore.config import DataConfig
-    from lmcore.data import load_split, strided
-    from lmcore.generate import Decoder, SamplingParams
+    from lmcore.data.batching import IGNORE, review_rows, rows_to_batch
+    from lmcore.data.cache import load_split, strided
+    from lmcore.gen.decoder import Decoder, SamplingParams
 
     model, tok, ckpt = load_for_inference(args.checkpoint)
     if model.adaptive is not None:

@@ -282,8 +282,8 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
 def load_for_inference(path_or_run: str | Path, device: torch.device | str = "cpu"):
     """(model, tokenizer, checkpoint folder) built from the checkpoint's own architecture."""
     from lmcore.config import ModelConfig
+    from lmcore.data.tokenizer import WordTokenizer
     from lmcore.model import LSTMLM
-    from lmcore.tokenizer import WordTokenizer
 
     ckpt = resolve(path_or_run)
     manifest = read_manifest(ckpt)

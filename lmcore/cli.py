@@ -102,7 +102,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     from lmcore.config import load_config
 
     if args.command == "report":
-        from lmcore.report import write_report
+        from lmcore.track.report import write_report
 
         print(write_report(args.run_dir, args.out))
         return 0
@@ -111,7 +111,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     if args.command == "train":
-        from lmcore.preemption import STOPPED_EXIT, StopFlag, parse_signals
+        from lmcore.runtime.signals import STOPPED_EXIT, StopFlag, parse_signals
         from lmcore.trainer import train
 
         with StopFlag(parse_signals(args.stop_signals)) as stop:
@@ -133,10 +133,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         if args.checkpoint:
             cfg.generate.checkpoint = args.checkpoint
         if args.merge or cfg.generate.output_dir:
-            from lmcore.genjob import cli_generate
+            from lmcore.gen.job import cli_generate
 
             return cli_generate(cfg, merge=args.merge)
-        from lmcore.generate import run_generate
+        from lmcore.gen.decoder import run_generate
 
         for line in run_generate(cfg, args.prompt):
             print(line)

@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from lmcore.batching import IGNORE, eval_batches, review_rows, rows_to_batch
-from lmcore.data import TokenizedSplit
+from lmcore.data.batching import IGNORE, eval_batches, review_rows, rows_to_batch
+from lmcore.data.cache import TokenizedSplit
+from lmcore.data.tokenizer import WordTokenizer
 from lmcore.model import LSTMLM
-from lmcore.tokenizer import WordTokenizer
 
 
 @dataclass
@@ -113,9 +113,9 @@ def run_eval(cfg) -> dict | None:
     """The eval job: checkpoint -> masked perplexity on cfg.eval.split -> JSON beside it.
     Returns the result on rank 0 (None elsewhere)."""
     from lmcore.checkpoint import load_for_inference
-    from lmcore.data import load_split, strided
+    from lmcore.data.cache import load_split, strided
     from lmcore.fileio import atomic_write_json
-    from lmcore.runtime import make_accelerator
+    from lmcore.runtime.accelerator import make_accelerator
 
     acc = make_accelerator(cfg)
     model, tok, ckpt = load_for_inference(cfg.eval.checkpoint or cfg.run.dir, acc.device)
@@ -135,7 +135,7 @@ def run_eval(cfg) -> dict | None:
             "<eos> after the padding counted; not a perplexity of the text")
     if acc.is_main_process:
         atomic_write_json(ckpt / f"eval_{cfg.eval.split}.json", out)
-        from lmcore.tracking import open_tracker
+        from lmcore.track.tracker import open_tracker
 
         run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
         tracker = open_tracker(cfg, run_dir, job="eval", enabled=True)

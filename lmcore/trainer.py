@@ -20,18 +20,18 @@ import torch
 from safetensors import SafetensorError
 
 from lmcore import checkpoint as ckpt_io
-from lmcore.batching import PackedBatches, PaddedBatches
 from lmcore.config import Config, save_config
-from lmcore.data import fit_tokenizer, load_split, strided
+from lmcore.data.batching import PackedBatches, PaddedBatches
+from lmcore.data.cache import fit_tokenizer, load_split, strided
+from lmcore.data.tokenizer import WordTokenizer
 from lmcore.errors import CheckpointError, LmcoreError
 from lmcore.evaluate import evaluate
-from lmcore.metrics import MetricsLog
 from lmcore.model import LSTMLM, adaptive_cutoffs, detach_state
-from lmcore.progress import Progress
-from lmcore.runlock import RunLock
-from lmcore.runtime import all_sum, any_rank, make_accelerator
-from lmcore.tokenizer import WordTokenizer
-from lmcore.tracking import open_tracker
+from lmcore.runtime.accelerator import all_sum, any_rank, make_accelerator
+from lmcore.runtime.lock import RunLock
+from lmcore.track.metrics import MetricsLog
+from lmcore.track.progress import Progress
+from lmcore.track.tracker import open_tracker
 
 
 @dataclass

@@ -126,7 +126,7 @@ def metrics_rows(run: Path, since: float = 0.0) -> list[dict]:
     path = run / "metrics.jsonl"
     if not path.is_file():
         return []
-    from lmcore.metrics import read_metrics
+    from lmcore.track.metrics import read_metrics
 
     return [r for r in read_metrics(path, tolerant=True) if r.get("time", 0) >= since]
 
@@ -290,7 +290,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 def prompts_file(path: Path, n: int) -> Path:
     """n JSONL prompts of 0 to 8 words from the sample corpus, string and integer ids."""
-    from lmcore.sample_corpus import sample_reviews
+    from lmcore.data.sample_corpus import sample_reviews
 
     texts = [r["text"] for r in sample_reviews("test", 200)]
     rows = [{"id": f"p{i}" if i % 3 else i, "prompt": " ".join(texts[i % 200].split()[: i % 9])}
@@ -301,7 +301,7 @@ def prompts_file(path: Path, n: int) -> Path:
 
 def check_chunks(out: Path, chunk_size: int, records: int, samples: int) -> set[int]:
     """Every chunk file present is complete and holds exactly its own rows, in order."""
-    from lmcore.genjob import CHUNKS_DIR, done_chunks
+    from lmcore.gen.job import CHUNKS_DIR, done_chunks
 
     done = done_chunks(out)
     for c in done:

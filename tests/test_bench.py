@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lmcore.sample_corpus import sample_reviews
+from lmcore.data.sample_corpus import sample_reviews
 from tests.conftest import REPO, SHARED
 
 REFERENCE = SHARED / "bench" / "seed_reference.py"

@@ -237,7 +237,7 @@ def generate_in_process(overrides: list[str]) -> Path:
     import torch
 
     from lmcore.config import load_config
-    from lmcore.genjob import MERGED_FILE, generate_shard, merge_outputs
+    from lmcore.gen.job import MERGED_FILE, generate_shard, merge_outputs
 
     threads = torch.get_num_threads()
     try:
@@ -261,7 +261,7 @@ def gen_ref(ref, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_generation_killed_three_times_merges_to_the_uninterrupted_output(ref, gen_ref, tmp_path):
-    from lmcore.genjob import MERGED_FILE, done_chunks
+    from lmcore.gen.job import MERGED_FILE, done_chunks
 
     seed = fault_seed("generation kills")
     rng = random.Random(seed)
@@ -539,7 +539,7 @@ def _fail_midway(real_write, fail_when):
 
 def test_a_chunk_write_that_fails_midway_keeps_the_finished_chunks_and_says_so(ref, tmp_path, monkeypatch,
                                                                                capsys):
-    import lmcore.genjob as genjob
+    import lmcore.gen.job as genjob
 
     prompts = prompts_file(tmp_path / "p.jsonl", 36)
     reference = generate_in_process(gen_overrides(ref / "run", tmp_path / "straight", prompts))
@@ -570,7 +570,7 @@ def test_a_chunk_write_that_fails_midway_keeps_the_finished_chunks_and_says_so(r
 
 def test_a_merge_that_fails_midway_keeps_the_chunks_and_says_so(ref, tmp_path, monkeypatch, capsys):
     import lmcore.fileio as fileio
-    import lmcore.genjob as genjob
+    import lmcore.gen.job as genjob
 
     prompts = prompts_file(tmp_path / "p.jsonl", 20)
     overrides = gen_overrides(ref / "run", tmp_path / "out", prompts)
@@ -826,7 +826,7 @@ def test_two_training_jobs_started_together_on_one_run_one_refuses_the_other_fin
 
 
 def test_two_generation_jobs_on_the_same_shard_one_refuses_and_nothing_is_interleaved(ref, gen_ref, tmp_path):
-    from lmcore.genjob import MERGED_FILE, done_chunks
+    from lmcore.gen.job import MERGED_FILE, done_chunks
 
     prompts, reference = gen_ref
     out = tmp_path / "out"

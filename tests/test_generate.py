@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lmcore.config import ModelConfig
-from lmcore.generate import (
+from lmcore.data.tokenizer import WordTokenizer
+from lmcore.gen.decoder import (
     CHUNK,
     Decoder,
     SamplingParams,
@@ -19,7 +20,6 @@ from lmcore.generate import (
     sample_next,
 )
 from lmcore.model import LSTMLM
-from lmcore.tokenizer import WordTokenizer
 
 TOK = WordTokenizer([f"w{i}" for i in range(40)])
 

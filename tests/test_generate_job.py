@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmcore.config import load_config
+from lmcore.data.sample_corpus import sample_reviews
 from lmcore.fileio import atomic_write_json, sha256_file
-from lmcore.genjob import (
+from lmcore.gen.job import (
     MANIFEST_FILE,
     MERGED_FILE,
     PARAMS_FILE,
@@ -31,8 +32,7 @@ from lmcore.genjob import (
     merge_outputs,
     resolve_shard,
 )
-from lmcore.prompts import PromptSource
-from lmcore.sample_corpus import sample_reviews
+from lmcore.gen.prompts import PromptSource
 from tests.conftest import REPO, tiny_overrides
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -497,12 +497,12 @@ class RecordingTracker:
 
 def test_throughput_and_samples_go_to_the_tracker_and_a_broken_one_changes_nothing(run_dir, tmp_path,
                                                                                    monkeypatch):
-    import lmcore.tracking
+    import lmcore.track.tracker
 
     prompts = prompts_jsonl(tmp_path / "p.jsonl", 30)
     tracker = RecordingTracker()
     opened = []
-    monkeypatch.setattr(lmcore.tracking, "open_tracker",
+    monkeypatch.setattr(lmcore.track.tracker, "open_tracker",
                         lambda cfg, run, job, enabled=True: opened.append((run, job, enabled)) or tracker)
     cfg = gen_cfg(run_dir, tmp_path / "a", prompts=prompts, chunk_size=10)
     generate_shard(cfg, progress=False)
@@ -514,13 +514,13 @@ def test_throughput_and_samples_go_to_the_tracker_and_a_broken_one_changes_nothi
     _, name, columns, rows = tracker.calls[4]
     assert name == "generate/samples" and columns[0] == "id" and len(rows) == 20
 
-    monkeypatch.setattr(lmcore.tracking, "open_tracker", lambda *a, **k: RecordingTracker(fail=True))
+    monkeypatch.setattr(lmcore.track.tracker, "open_tracker", lambda *a, **k: RecordingTracker(fail=True))
     generate_shard(gen_cfg(run_dir, tmp_path / "b", prompts=prompts, chunk_size=10), progress=False)
 
     def cannot_start(*a, **k):
         raise RuntimeError("no wandb today")
 
-    monkeypatch.setattr(lmcore.tracking, "open_tracker", cannot_start)
+    monkeypatch.setattr(lmcore.track.tracker, "open_tracker", cannot_start)
     with pytest.warns(UserWarning, match="tracking is off"):
         generate_shard(gen_cfg(run_dir, tmp_path / "c", prompts=prompts, chunk_size=10), progress=False)
     for name in ("b", "c"):

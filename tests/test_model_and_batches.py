@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from lmcore.batching import IGNORE, PackedBatches, PaddedBatches, review_rows, rows_to_batch
 from lmcore.config import ModelConfig
-from lmcore.data import TokenizedSplit
+from lmcore.data.batching import IGNORE, PackedBatches, PaddedBatches, review_rows, rows_to_batch
+from lmcore.data.cache import TokenizedSplit
 from lmcore.model import LSTMLM
 
 BOS, EOS, PAD = 2, 3, 1

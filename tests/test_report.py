@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lmcore.errors import LmcoreError
-from lmcore.report import write_report
+from lmcore.track.report import write_report
 from tests.conftest import REPO, run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -108,6 +108,6 @@ def test_report_from_the_command_line(tmp_path: Path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith("lmcore: error:") and "metrics.jsonl" in proc.stderr
     # matplotlib is imported only when a report is drawn
-    probe = subprocess.run([sys.executable, "-c", "import sys, lmcore.report, lmcore.cli; "
+    probe = subprocess.run([sys.executable, "-c", "import sys, lmcore.track.report, lmcore.cli; "
                             "print('matplotlib' in sys.modules)"], capture_output=True, text=True, cwd=REPO)
     assert probe.stdout.strip() == "False", probe.stderr

@@ -253,11 +253,11 @@ def test_pipeline_train_eval_generation_array_merge_equals_one_process(slurm, su
 
 def _genjob():
     try:
-        from lmcore import genjob
+        from lmcore.gen import job as genjob
     except ImportError as e:
         if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-            pytest.fail(f"lmcore.genjob is missing: the generation array cannot run ({e})", pytrace=False)
-        pytest.skip(f"lmcore.genjob (bulk generation) is not there yet ({e})")
+            pytest.fail(f"lmcore.gen.job is missing: the generation array cannot run ({e})", pytrace=False)
+        pytest.skip(f"lmcore.gen.job (bulk generation) is not there yet ({e})")
     return genjob
 
 

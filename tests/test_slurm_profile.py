@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from lmcore.slurm import ProfileError
+from lmcore.slurm.env import first_host, master_port, torch_env_from_slurm
 from lmcore.slurm.profile import load_profile, parse_time, profile_from_dict
-from lmcore.slurm.ranks import first_host, master_port, torch_env_from_slurm
 from tests.conftest import REPO, run_cli
 
 # Shell syntax that would create a marker if it ever ran. #SBATCH values cannot hold ' or \

@@ -17,12 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import lmcore.data
+import lmcore.data.cache
 from lmcore.config import DataConfig
-from lmcore.data import fit_tokenizer, load_split
+from lmcore.data.cache import fit_tokenizer, load_split
+from lmcore.data.sources import read_texts, source_identity
+from lmcore.data.tokenizer import SPECIALS, WordTokenizer
 from lmcore.errors import DataError
-from lmcore.sources import read_texts, source_identity
-from lmcore.tokenizer import SPECIALS, WordTokenizer
 from tests.conftest import IMDB
 
 REVIEWS = [
@@ -179,7 +179,7 @@ def test_second_load_comes_from_the_cache(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the source was read again instead of the cache")
 
-    monkeypatch.setattr(lmcore.data, "read_texts", refuse)
+    monkeypatch.setattr(lmcore.data.cache, "read_texts", refuse)
     again = load_split(cfg, "train", tok)
     np.testing.assert_array_equal(np.asarray(again.tokens), first.tokens)
     np.testing.assert_array_equal(np.asarray(again.offsets), first.offsets)

@@ -20,8 +20,15 @@ from pathlib import Path
 import pytest
 
 from lmcore.config import load_config
-from lmcore.metrics import MetricsLog, read_metrics
-from lmcore.tracking import STATE_FILE, Tracker, api_key_configured, history_row, open_tracker, resolve_mode
+from lmcore.track.metrics import MetricsLog, read_metrics
+from lmcore.track.tracker import (
+    STATE_FILE,
+    Tracker,
+    api_key_configured,
+    history_row,
+    open_tracker,
+    resolve_mode,
+)
 from tests.conftest import REPO, tiny_overrides
 
 FAKE_KEY = "lmcoretestkey" + "0" * 27  # 40 characters, the shape of a real key
@@ -229,8 +236,8 @@ import os, signal, sys, time
 from pathlib import Path
 sys.path.insert(0, {repo!r})
 from lmcore.config import load_config
-from lmcore.metrics import MetricsLog
-from lmcore.tracking import open_tracker
+from lmcore.track.metrics import MetricsLog
+from lmcore.track.tracker import open_tracker
 from tests.test_tracking import log_like_the_trainer
 run = Path({run!r})
 cfg = load_config(None, ["run.dir=" + str(run), "tracking.project=lmcore-test",
@@ -430,7 +437,7 @@ def test_history_row_mapping():
 
 def test_train_requeue_offline_end_to_end(wandb_env: Path, tmp_path: Path, monkeypatch):
     """A tiny training run, stopped and requeued, in offline mode: one W&B run whose history
-    equals metrics.jsonl. Needs the trainer to be wired to lmcore.tracking."""
+    equals metrics.jsonl. Needs the trainer to be wired to lmcore.track.tracker."""
     from lmcore.trainer import train
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -440,7 +447,7 @@ def test_train_requeue_offline_end_to_end(wandb_env: Path, tmp_path: Path, monke
                                                         "run.threads": 1,  # steady on a busy 2-core box
                                                         "tracking.project": "lmcore-test"}))
         train(cfg, progress=False)
-    assert (run / STATE_FILE).is_file(), "no W&B run: train() does not open a tracker (lmcore.tracking)"
+    assert (run / STATE_FILE).is_file(), "no W&B run: train() does not open a tracker (lmcore.track.tracker)"
     state = json.loads((run / STATE_FILE).read_text())
     segments = offline_runs(run)
     assert len(segments) == 2 and all(run_id_of(s) == state["run_id"] for s in segments)

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from lmcore.config import load_config
-from lmcore.metrics import read_metrics
+from lmcore.track.metrics import read_metrics
 from lmcore.trainer import train
 from tests.conftest import REPO, run_cli, tiny_overrides
 
@@ -185,7 +185,7 @@ def test_learning_rate_schedules():
 
 
 def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log_file(capsys):
-    from lmcore.progress import Progress
+    from lmcore.track.progress import Progress
 
     for plain in (False, True):
         bar = Progress(total=4, force_plain=plain)
@@ -265,7 +265,7 @@ def test_nan_steps_can_be_skipped_and_counted(tmp_path, monkeypatch):
 
 def test_two_jobs_on_one_run_folder_the_second_refuses(tmp_path: Path):
     from lmcore.errors import LmcoreError
-    from lmcore.runlock import RunLock
+    from lmcore.runtime.lock import RunLock
 
     run = tmp_path / "r"
     with RunLock(run):  # another job holds the folder

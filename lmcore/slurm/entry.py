@@ -41,7 +41,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 from lmcore.slurm import JobFailedError
 
 KINDS = ("train", "eval", "generate", "merge")
-STOPPED_EXIT = 3  # = lmcore.preemption.STOPPED_EXIT (not imported: that would import torch early)
+STOPPED_EXIT = 3  # = lmcore.runtime.signals.STOPPED_EXIT (not imported: that would import torch early)
 RANK0_LINGER_S = 10.0  # after a SIGTERM stop: how long rank 0 waits for a warning signal
 
 
@@ -151,7 +151,7 @@ class LmcoreJob(Checkpointable):
     def _setup_ranks(self, env: Any, restarts: int) -> int:
         from submitit.helpers import TorchDistributedEnvironment
 
-        from lmcore.slurm.ranks import master_port, resolve_master, threads_from_slurm
+        from lmcore.slurm.env import master_port, resolve_master, threads_from_slurm
 
         # sbatch hands the submitting shell's environment down: overwrite, never inherit.
         # CUDA_VISIBLE_DEVICES stays as SLURM set it (all the node's GPUs of the job):
@@ -178,7 +178,7 @@ class LmcoreJob(Checkpointable):
 
     def _config(self):
         from lmcore.config import config_from_dict
-        from lmcore.slurm.ranks import threads_from_slurm
+        from lmcore.slurm.env import threads_from_slurm
 
         cfg = config_from_dict(self.cfg)
         if not cfg.run.threads:
@@ -198,7 +198,7 @@ class LmcoreJob(Checkpointable):
         result = self._outcome.get("result")
         if not isinstance(result, dict):
             return False
-        for key in ("stopped_early", "stopped"):  # train, generation (lmcore.genjob)
+        for key in ("stopped_early", "stopped"):  # train, generation (lmcore.gen.job)
             if key in result:
                 return bool(result[key])
         if "complete" in result:
@@ -255,9 +255,9 @@ def run_kind(kind: str, cfg, stop) -> dict[str, Any] | None:
 
         return run_eval(cfg)
     try:
-        from lmcore import genjob
+        from lmcore.gen import job as genjob
     except ImportError as e:
-        raise JobFailedError(f"bulk generation needs lmcore.genjob, which this install lacks ({e})") from None
+        raise JobFailedError(f"bulk generation needs lmcore.gen.job, missing here ({e})") from None
     if kind == "generate":
         return genjob.generate_shard(cfg, stop_requested=stop)
     if kind == "merge":

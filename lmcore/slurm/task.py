@@ -4,7 +4,7 @@
 
 srun starts one copy per task, on every node; each sets RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT from its own SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS and
-the job's node list (lmcore/slurm/ranks.py), then runs `lmcore ARGS`. Nothing in the batch
+the job's node list (lmcore/slurm/env.py), then runs `lmcore ARGS`. Nothing in the batch
 script needs escaping, so no node can end up believing it is rank 0. `lmcore train`
 checkpoints on TERM/USR2 and exits with status 3: the script requeues on that.
 """
@@ -15,7 +15,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lmcore.slurm.ranks import export_for_task
+    from lmcore.slurm.env import export_for_task
 
     values = export_for_task()  # before torch is imported: OMP_NUM_THREADS is read at import
     if values["RANK"] == "0":

@@ -27,8 +27,8 @@ import torch
 from lmcore import checkpoint as ckpt_io
 from lmcore.errors import ConfigError, LmcoreError
 from lmcore.fileio import fsync_dir, usual_permissions
-from lmcore.generate import auto_precision
-from lmcore.prompts import PromptSource, ScanResult
+from lmcore.gen.decoder import auto_precision
+from lmcore.gen.prompts import PromptSource, ScanResult
 
 FORMAT = "lmcore-generations"
 VERSION = 1

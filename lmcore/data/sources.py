@@ -96,7 +96,7 @@ def source_identity(source: str, split: str) -> str:
     """A string that changes whenever the split's content may have changed."""
     kind, loc = resolve_split(source, split)
     if kind == "sample":
-        from lmcore.sample_corpus import SAMPLE_CORPUS_VERSION
+        from lmcore.data.sample_corpus import SAMPLE_CORPUS_VERSION
 
         return f"sample:v{SAMPLE_CORPUS_VERSION}:{split}"
     if kind == "hub":
@@ -118,7 +118,7 @@ def source_identity(source: str, split: str) -> str:
 def read_texts(source: str, split: str, text_field: str = "text") -> list[str]:
     kind, loc = resolve_split(source, split)
     if kind == "sample":
-        from lmcore.sample_corpus import sample_reviews
+        from lmcore.data.sample_corpus import sample_reviews
 
         texts = [r["text"] for r in sample_reviews(str(loc))]
     elif kind == "hub":

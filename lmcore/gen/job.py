@@ -1,6 +1,6 @@
 """The bulk generation job: sharded over SLURM array tasks and DDP ranks, resumable, merged.
 What the output folder holds (params.json, chunks/, rejects.jsonl, generations.jsonl,
-manifest.json) and how it is claimed: lmcore/genfolder.py.
+manifest.json) and how it is claimed: lmcore/gen/folder.py.
 
 Work is cut into chunks of `generate.chunk_size` input lines. Chunk c belongs to shard
 c % num_shards (SLURM array task), and within the shard the j-th chunk goes to rank
@@ -9,7 +9,7 @@ so a chunk file present means done: a rerun (requeue, crash, SIGKILL) skips thos
 does the rest, and so does a rerun with another number of shards or ranks. Since every
 (prompt id, sample) draws from its own random stream and rows do not influence each
 other, the merged file is the same bytes however the work was split (see
-lmcore/generate.py for what that rests on).
+lmcore/gen/decoder.py for what that rests on).
 
 Errors in the input (a malformed line, a missing field, a duplicate id, parameters that
 differ from what the folder holds) stop the job before any work, on every process alike.
@@ -31,8 +31,8 @@ from pathlib import Path
 from lmcore import checkpoint as ckpt_io
 from lmcore.errors import ConfigError
 from lmcore.fileio import atomic_write, atomic_write_bytes, atomic_write_json
-from lmcore.generate import Decoder, SamplingParams, row_key, row_uniforms
-from lmcore.genfolder import (
+from lmcore.gen.decoder import Decoder, SamplingParams, row_key, row_uniforms
+from lmcore.gen.folder import (
     CHUNKS_DIR,
     FORMAT,
     MANIFEST_FILE,
@@ -51,7 +51,7 @@ from lmcore.genfolder import (
     resolve_shard,
     sampling_dict,
 )
-from lmcore.prompts import PromptRecord, PromptSource, ScanResult
+from lmcore.gen.prompts import PromptRecord, PromptSource, ScanResult
 
 LOG_EVERY_S = 30.0  # plain progress lines (log files) at most this often
 SAMPLE_TABLE_ROWS = 20
@@ -95,11 +95,11 @@ class _Peek:
 
 
 def _open_tracker(cfg, ckpt: Path, out: Path, enabled: bool):
-    """The W&B tracker (lmcore.tracking), or None: tracking never stops generation."""
+    """The W&B tracker (lmcore.track.tracker), or None: tracking never stops generation."""
     if not enabled:
         return None
     try:
-        from lmcore.tracking import open_tracker
+        from lmcore.track.tracker import open_tracker
 
         # The training run's folder (RUN/checkpoints/step_X -> RUN) links the runs in W&B.
         run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else out
@@ -121,7 +121,7 @@ def generate_shard(cfg, stop_requested: Callable[[], bool] | None = None, progre
     already written) and return counts; "stopped" is true when a stop request ended it
     with work left (rerun the same command to finish)."""
     from lmcore.checkpoint import load_for_inference
-    from lmcore.runtime import make_accelerator
+    from lmcore.runtime.accelerator import make_accelerator
 
     t_start = time.perf_counter()
     stop_requested = stop_requested or (lambda: False)
@@ -151,7 +151,7 @@ def generate_shard(cfg, stop_requested: Callable[[], bool] | None = None, progre
         if rejects is not None:
             rejects.unlink(missing_ok=True)
 
-    from lmcore.runlock import RunLock
+    from lmcore.runtime.lock import RunLock
 
     lock = (RunLock(out / ".locks" / f"shard-{shard:05d}-of-{nshards:05d}", what="output folder",
                     hint="generate.output_dir, or another shard").acquire() if main else None)
@@ -165,8 +165,8 @@ def generate_shard(cfg, stop_requested: Callable[[], bool] | None = None, progre
 
 def _generate(cfg, g, acc, out, ckpt, model, tok, source, scan, precision, shard, nshards, stop_requested,
               progress, t_start):
-    from lmcore.progress import Progress
-    from lmcore.runtime import all_sum, any_rank
+    from lmcore.runtime.accelerator import all_sum, any_rank
+    from lmcore.track.progress import Progress
 
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
     sampling = SamplingParams(g.temperature, g.top_k, g.top_p, g.max_new_tokens)
@@ -388,7 +388,7 @@ def merge_outputs(cfg) -> dict:
 def cli_generate(cfg, merge: bool) -> int:
     """`lmcore generate` with generate.output_dir (the bulk job) or --merge. Prints one JSON
     line on rank 0; exit status 0, or STOPPED_EXIT (3) when a stop signal ended it early."""
-    from lmcore.preemption import STOPPED_EXIT, StopFlag
+    from lmcore.runtime.signals import STOPPED_EXIT, StopFlag
 
     if merge:
         manifest = merge_outputs(cfg)

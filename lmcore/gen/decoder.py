@@ -8,7 +8,7 @@ produced (for `<unk>`; the other two never come out of a sensible model anyway).
 
 Speed. Each new token costs one (rows x hidden) @ (hidden x vocab) matmul and one pass
 over the logits: the temperature is folded into the output layer, the banned tokens are
--inf in its bias, and the draw is lmcore.sampling's two-level inverse CDF (no sort unless
+-inf in its bias, and the draw is lmcore.gen.sampling's two-level inverse CDF (no sort unless
 top-p needs one; greedy and top-k=1 are an argmax). With precision int8 and plain sampling
 the float logits are never written out at all (Decoder._int8_sample).
 
@@ -37,8 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmcore.model import LSTMLM
-from lmcore.sampling import (
+from lmcore.data.tokenizer import WordTokenizer
+from lmcore.gen.sampling import (
     CHUNK,
     RowStream,
     SamplingParams,
@@ -52,7 +52,7 @@ from lmcore.sampling import (
     sample_next,
     uniforms_from,
 )
-from lmcore.tokenizer import WordTokenizer
+from lmcore.model import LSTMLM
 
 MIN_ROWS = 16  # CPU matmuls with fewer rows use another MKL kernel (other last bits)
 INT8_ROWS = 128  # rows per int8 output matmul: oneDNN's VNNI kernel is ~3x slower above ~192
@@ -380,7 +380,7 @@ def run_generate(cfg, prompt_texts: list[str] | None = None) -> list[str]:
     params = SamplingParams(g.temperature, g.top_k, g.top_p, g.max_new_tokens)
     texts = list(prompt_texts or [])
     if not texts and g.prompts:
-        from lmcore.prompts import open_prompts
+        from lmcore.gen.prompts import open_prompts
 
         texts = [r.text for r in open_prompts(g.prompts).records()]
     if not texts:
@@ -392,7 +392,7 @@ def run_generate(cfg, prompt_texts: list[str] | None = None) -> list[str]:
     return [f"{t} >>> {tok.decode(c.token_ids)}".strip() for t, c in zip(texts, done, strict=True)]
 
 
-# The sampling names stay importable from here (lmcore.generate was their first home).
+# The sampling names stay importable from here (lmcore.gen.decoder was their first home).
 __all__ = ["SamplingParams", "Completion", "Decoder", "generate_batch", "sample_next", "pick_tokens",
            "row_key", "row_uniforms", "row_generator", "RowStream", "auto_precision", "run_generate",
            "MIN_ROWS", "CHUNK"]

@@ -2,7 +2,7 @@
 
 `open_tracker(cfg, run_dir, job, enabled)` gives a `Tracker`; every method of it swallows
 W&B errors: the first one is reported as one warning line and the tracker turns into a
-no-op for the rest of the job. `metrics.jsonl` in the run folder (lmcore.metrics) is
+no-op for the rest of the job. `metrics.jsonl` in the run folder (lmcore.track.metrics) is
 written whatever happens here, and `lmcore report RUN_DIR` draws it without W&B.
 
 Mode (`tracking.wandb_mode`; when it is not auto it wins over $WANDB_MODE):

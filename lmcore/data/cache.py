@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from lmcore.config import DataConfig
+from lmcore.data.sources import read_texts, source_identity
+from lmcore.data.tokenizer import WordTokenizer
 from lmcore.fileio import fsync_dir
-from lmcore.sources import read_texts, source_identity
-from lmcore.tokenizer import WordTokenizer
 
 CACHE_VERSION = 1
 

@@ -2,7 +2,7 @@
 
 One JSON object per line with the global optimizer step. On resume, rows from after the
 checkpoint's step (written by the run that died) are dropped, so the step column only
-ever increases. With a tracker (lmcore.tracking), every row also goes to W&B; the file is
+ever increases. With a tracker (lmcore.track.tracker), every row also goes to W&B; the file is
 written first, so a W&B problem can never cost a row here.
 """
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from lmcore.fileio import atomic_write_text
 
 if TYPE_CHECKING:
-    from lmcore.tracking import Tracker
+    from lmcore.track.tracker import Tracker
 
 
 class MetricsLog:

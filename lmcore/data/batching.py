@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmcore.data import TokenizedSplit
+from lmcore.data.cache import TokenizedSplit
 
 IGNORE = -100
 

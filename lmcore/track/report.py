@@ -20,7 +20,7 @@ from typing import Any
 
 from lmcore.errors import LmcoreError
 from lmcore.fileio import atomic_write, atomic_write_text
-from lmcore.metrics import read_metrics
+from lmcore.track.metrics import read_metrics
 
 TRAIN_COLOR, VAL_COLOR = "#1f77b4", "#d62728"
 
