@@ -5,7 +5,7 @@ same run (absolute speeds drift with the machine and its load; the ratio is the 
     python bench/generate_speed.py --checkpoint runs/x   # a trained lmcore model instead
 
 What it does:
-  1. the real vocabulary: lmcore.data.cache.fit_tokenizer on --data (IMDB train; cached);
+  1. the real vocabulary: lmcore.data.fit_tokenizer on --data (IMDB train; cached);
   2. a model of the notebook's sizes (Embedding 300, LSTM 256, Linear to the vocabulary),
      random weights (torch.manual_seed(0)) unless --checkpoint is given;
   3. saves it twice: as an lmcore checkpoint, and as the reference's format
@@ -14,7 +14,7 @@ What it does:
   4. runs the reference (`gen --prompts 40 --max-len 50`: 40 prompts of <bos> + 5 words,
      50 new words at T = 0.3, whole prefix re-run per word), then ours (--prompts test
      reviews' first 5 words as a JSONL file, --new-tokens each, T = 0.3) through
-     lmcore.gen.job.generate_shard for each precision and batch size, then the reference
+     lmcore.genjob.generate_shard for each precision and batch size, then the reference
      again; the ratio uses the mean of the two reference runs;
   5. times the parts of one decoding step (output matmul, sampling pass, LSTM step);
   6. prints a table and writes JSON (--out).
@@ -40,18 +40,22 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from context import REPO, SHARED
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-SHARED = Path(os.environ.get("LMCORE_SHARED", REPO.parent / "shared"))
+from lmcore.checkpoint import CheckpointWriter, load_for_inference
+from lmcore.config import DataConfig, ModelConfig, load_config
+from lmcore.data import fit_tokenizer
+from lmcore.generate import Decoder, auto_precision
+from lmcore.genjob import generate_shard
+from lmcore.model import LSTMLM
+from lmcore.sampling import SamplingParams, pick_tokens
+from lmcore.sources import read_texts
+from lmcore.tokenizer import SPECIALS
 
 
 def notebook_ids(tok, source: str) -> list[int]:
     """For each lmcore id, the notebook's id of the same word: words in first-seen order over
     IMDB train, then <unk> <pad> <bos> <eos>."""
-    from lmcore.data.sources import read_texts
-    from lmcore.data.tokenizer import SPECIALS
-
     order: dict[str, None] = {}
     for text in read_texts(source, "train", "text"):
         for w in Counter(text.lower().split()):
@@ -67,8 +71,6 @@ def notebook_ids(tok, source: str) -> list[int]:
 
 
 def save_lmcore_checkpoint(model, tok, run_dir: Path) -> Path:
-    from lmcore.checkpoint import CheckpointWriter
-
     w = CheckpointWriter(run_dir, 0)
     w.begin()
     w.write_main(model, {"state": {}, "param_groups": []}, {"step": 0, "note": "bench: inference only"},
@@ -80,11 +82,6 @@ def notebook_model(checkpoint: str, data: str, random_run: Path):
     """(model, tokenizer, lmcore checkpoint, what the weights are): the trained checkpoint given,
     or the notebook's sizes with random weights (torch.manual_seed(0)) saved to random_run.
     Either way the architecture must be the notebook's, which the reference can load."""
-    from lmcore.checkpoint import load_for_inference
-    from lmcore.config import DataConfig, ModelConfig
-    from lmcore.data.cache import fit_tokenizer
-    from lmcore.model import LSTMLM
-
     if checkpoint:
         model, tok, ckpt = load_for_inference(checkpoint)
         weights = f"trained: {ckpt}"
@@ -125,8 +122,6 @@ def run_reference(script: Path, data: str, ckpt: Path, prompts: int, max_len: in
 
 def step_profile(model, tok, rows: int, precision: str, reps: int = 5) -> dict:
     """Milliseconds per decoding step, by part, at `rows` rows (T = 0.3 plain sampling)."""
-    from lmcore.gen.decoder import Decoder, SamplingParams, pick_tokens
-
     dec = Decoder(model, tok, SamplingParams(0.3, max_new_tokens=1), "cpu", precision)
     h = [torch.randn(rows, dec.hidden).tanh() for _ in dec.layers]
     c = [torch.randn(rows, dec.hidden) for _ in dec.layers]
@@ -156,7 +151,7 @@ def step_profile(model, tok, rows: int, precision: str, reps: int = 5) -> dict:
     return parts
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(SHARED / "data" / "imdb"))
     p.add_argument("--reference", default=str(SHARED / "bench" / "seed_reference.py"))
@@ -172,65 +167,42 @@ def main() -> None:
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--work", help="folder for checkpoints and outputs (default: a temp folder)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "generate_speed.json"))
-    args = p.parse_args()
+    return p.parse_args()
 
-    os.environ.setdefault("WANDB_MODE", "disabled")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from lmcore.config import load_config
-    from lmcore.data.sources import read_texts
-    from lmcore.gen.decoder import auto_precision
-    from lmcore.gen.job import generate_shard
 
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="lmcore-genbench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    model, tok, ckpt, weights = notebook_model(args.checkpoint, args.data, work / "run")
-    ref_ckpt = work / "reference_lm.pt"
-    save_reference_checkpoint(model, notebook_ids(tok, args.data), ref_ckpt)
+def write_prompts(data: str, n: int, path: Path) -> None:
+    """The first n test reviews' first 5 words, as a prompts JSONL file."""
+    texts = read_texts(data, "test", "text")[:n]
+    path.write_text("".join(json.dumps({"id": i, "prompt": " ".join(t.lower().split()[:5])}) + "\n"
+                            for i, t in enumerate(texts)), encoding="utf-8")
 
-    texts = read_texts(args.data, "test", "text")[: args.prompts]
-    prompts = work / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": i, "prompt": " ".join(t.lower().split()[:5])}) + "\n"
-                               for i, t in enumerate(texts)), encoding="utf-8")
 
-    result = {"machine": {"threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                          "auto_precision": auto_precision("cpu"), "torch": torch.__version__},
-              "weights": weights, "vocab": len(tok), "ours": [], "reference": []}
+def run_ours(args: argparse.Namespace, work: Path, ckpt: Path, prompts: Path, precision: str, bs: int,
+             rep: int) -> dict:
+    """One bulk generation job (lmcore.genjob.generate_shard) in this process: its decoder's
+    new tokens/s, and the job's wall time around it."""
+    out = work / f"out-{precision}-{bs}-{rep}"
+    overrides = [f"run.dir={work / 'run'}", f"generate.checkpoint={ckpt}",
+                 f"generate.prompts={prompts}", f"generate.output_dir={out}",
+                 f"generate.batch_size={bs}", "generate.temperature=0.3",
+                 f"generate.max_new_tokens={args.new_tokens}", f"generate.precision={precision}",
+                 "tracking.wandb_mode=disabled", f"run.threads={args.threads}"]
+    t0 = time.perf_counter()
+    res = generate_shard(load_config(None, overrides), progress=False)
+    wall = time.perf_counter() - t0
+    row = {"precision": precision, "batch_size": bs, "prompts": res["prompts"],
+           "new_tokens": res["new_tokens"], "decode_tokens_per_s": res["new_tokens_per_s"],
+           "job_wall_s": round(wall, 2), "job_tokens_per_s": round(res["new_tokens"] / wall, 1)}
+    print(f"ours {precision} batch {bs}: {row['new_tokens']} new tokens, decode "
+          f"{row['decode_tokens_per_s']} tokens/s, job wall {row['job_wall_s']} s "
+          f"({row['job_tokens_per_s']} tokens/s)", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return row
 
-    def reference() -> None:
-        if args.skip_reference:
-            return
-        r = run_reference(Path(args.reference), args.data, ref_ckpt, args.ref_prompts, args.ref_max_len,
-                          args.threads)
-        result["reference"].append(r)
-        print(f"reference: {r['new_tokens']} new tokens in {r['gen_s']} s = {r['gen_tokens_per_s']} tokens/s",
-              flush=True)
 
-    configs = [(prec, int(bs)) for prec in args.precisions.split(",") for bs in args.batch_sizes.split(",")]
-    for rep in range(args.repeats):  # interleaved, so that a burst of load hits both sides
-        reference()
-        for precision, bs in configs:
-            out = work / f"out-{precision}-{bs}-{rep}"
-            overrides = [f"run.dir={work / 'run'}", f"generate.checkpoint={ckpt}",
-                         f"generate.prompts={prompts}", f"generate.output_dir={out}",
-                         f"generate.batch_size={bs}", "generate.temperature=0.3",
-                         f"generate.max_new_tokens={args.new_tokens}", f"generate.precision={precision}",
-                         "tracking.wandb_mode=disabled", f"run.threads={args.threads}"]
-            t0 = time.perf_counter()
-            res = generate_shard(load_config(None, overrides), progress=False)
-            wall = time.perf_counter() - t0
-            row = {"precision": precision, "batch_size": bs, "prompts": res["prompts"],
-                   "new_tokens": res["new_tokens"], "decode_tokens_per_s": res["new_tokens_per_s"],
-                   "job_wall_s": round(wall, 2), "job_tokens_per_s": round(res["new_tokens"] / wall, 1)}
-            result["ours"].append(row)
-            print(f"ours {precision} batch {bs}: {row['new_tokens']} new tokens, decode "
-                  f"{row['decode_tokens_per_s']} tokens/s, job wall {row['job_wall_s']} s "
-                  f"({row['job_tokens_per_s']} tokens/s)", flush=True)
-            shutil.rmtree(out, ignore_errors=True)
-    reference()
-
-    result["step_profile"] = [step_profile(model, tok, bs, prec) for prec, bs in configs]
-    summary = result["summary"] = {}
+def summarize(result: dict, configs: list[tuple[str, int]]) -> dict:
+    """Best and median of each side's runs, and the ratios (ours / the reference); printed."""
+    summary = {}
     refs = [r["gen_tokens_per_s"] for r in result["reference"]]
     if refs:
         summary["reference"] = {"best": max(refs), "median": statistics.median(refs), "runs": refs}
@@ -251,6 +223,44 @@ def main() -> None:
                   f"job wall best {entry['ratio_job_best']}x") if refs else ""
         print(f"  ours {precision:5s} batch {bs:4d}: best {max(dec):8.1f}, median "
               f"{statistics.median(dec):8.1f} new tokens/s{ratios}")
+    return summary
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="lmcore-genbench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model, tok, ckpt, weights = notebook_model(args.checkpoint, args.data, work / "run")
+    ref_ckpt = work / "reference_lm.pt"
+    save_reference_checkpoint(model, notebook_ids(tok, args.data), ref_ckpt)
+    prompts = work / "prompts.jsonl"
+    write_prompts(args.data, args.prompts, prompts)
+
+    result = {"machine": {"threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                          "auto_precision": auto_precision("cpu"), "torch": torch.__version__},
+              "weights": weights, "vocab": len(tok), "ours": [], "reference": []}
+
+    def reference() -> None:
+        if args.skip_reference:
+            return
+        r = run_reference(Path(args.reference), args.data, ref_ckpt, args.ref_prompts, args.ref_max_len,
+                          args.threads)
+        result["reference"].append(r)
+        print(f"reference: {r['new_tokens']} new tokens in {r['gen_s']} s = {r['gen_tokens_per_s']} tokens/s",
+              flush=True)
+
+    configs = [(prec, int(bs)) for prec in args.precisions.split(",") for bs in args.batch_sizes.split(",")]
+    for rep in range(args.repeats):  # interleaved, so that a burst of load hits both sides
+        reference()
+        for precision, bs in configs:
+            result["ours"].append(run_ours(args, work, ckpt, prompts, precision, bs, rep))
+    reference()
+
+    result["step_profile"] = [step_profile(model, tok, bs, prec) for prec, bs in configs]
+    result["summary"] = summarize(result, configs)
     for part in result["step_profile"]:
         print("step profile:", json.dumps(part))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

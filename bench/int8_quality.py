@@ -6,7 +6,7 @@
 Reads test reviews as the evaluation does (`<bos>` + first 256 words + `<eos>`, every
 --stride-th review), runs the trained model over them, and at every real position compares
 the generation decoder's output layer in fp32 and in int8 (the same code the bulk job runs:
-lmcore.gen.decoder.Decoder._logits). Prints and writes (--out, JSON):
+lmcore.generate.Decoder._logits). Prints and writes (--out, JSON):
   * masked perplexity of the next word with each (int8 as a scorer: how much it costs);
   * mean KL(fp32 || int8) and mean total-variation distance of the sampling distribution at
     each --temperatures (TV bounds the chance that one draw differs under the best coupling);
@@ -20,17 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
+from context import SHARED
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared"
+from lmcore.batching import IGNORE, review_rows, rows_to_batch
+from lmcore.checkpoint import load_for_inference
+from lmcore.config import DataConfig
+from lmcore.data import load_split, strided
+from lmcore.generate import Decoder
+from lmcore.sampling import SamplingParams
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="an lmcore run or checkpoint folder (full softmax)")
     p.add_argument("--data", default=str(SHARED / "data" / "imdb"))
@@ -38,14 +41,30 @@ def main() -> None:
     p.add_argument("--reviews", type=int, default=250, help="reviews of the strided test set (0 = all)")
     p.add_argument("--temperatures", default="1.0,0.3")
     p.add_argument("--out", default="")
-    args = p.parse_args()
+    return p.parse_args()
 
-    from lmcore.checkpoint import load_for_inference
-    from lmcore.config import DataConfig
-    from lmcore.data.batching import IGNORE, review_rows, rows_to_batch
-    from lmcore.data.cache import load_split, strided
-    from lmcore.gen.decoder import Decoder, SamplingParams
 
+def compare(sums: dict, exact: Decoder, fast: Decoder, f: torch.Tensor, t: torch.Tensor, vocab: int,
+            temps: list[float]) -> None:
+    """Add one chunk of positions (features f, next words t) to the sums: NLL under each, argmax
+    agreement, and KL / total variation of the sampling distribution at each temperature."""
+    if len(f) < 16:  # the decoder's matmuls see at least 16 rows
+        f = torch.cat([f, f.new_zeros(16 - len(f), f.shape[1])])
+    l32 = exact._logits(f)[: len(t), :vocab].double()
+    l8 = fast._logits(f)[: len(t), :vocab].double()
+    sums["positions"] += len(t)
+    for name, lg in (("nll_fp32", l32), ("nll_int8", l8)):
+        sums[name] += float((torch.logsumexp(lg, 1) - lg.gather(1, t[:, None]).squeeze(1)).sum())
+    sums["argmax_same"] += int((l32.argmax(1) == l8.argmax(1)).sum())
+    for temp in temps:
+        lp32, lp8 = torch.log_softmax(l32 / temp, 1), torch.log_softmax(l8 / temp, 1)
+        p32 = lp32.exp()
+        sums[f"kl_T{temp}"] += float(torch.where(p32 > 0, p32 * (lp32 - lp8), 0.0).sum())
+        sums[f"tv_T{temp}"] += float(0.5 * (p32 - lp8.exp()).abs().sum())
+
+
+def main() -> None:
+    args = parse_args()
     model, tok, ckpt = load_for_inference(args.checkpoint)
     if model.adaptive is not None:
         raise SystemExit("int8 is for the full softmax; this checkpoint uses the adaptive softmax")
@@ -65,20 +84,7 @@ def main() -> None:
             keep = (batch.targets != IGNORE) & ~torch.isin(batch.targets, torch.tensor(exact.banned))
             feats, targets = h[keep], batch.targets[keep]
             for a in range(0, len(feats), 256):
-                f, t = feats[a : a + 256], targets[a : a + 256]
-                if len(f) < 16:  # the decoder's matmuls see at least 16 rows
-                    f = torch.cat([f, f.new_zeros(16 - len(f), f.shape[1])])
-                l32 = exact._logits(f)[: len(t), :vocab].double()
-                l8 = fast._logits(f)[: len(t), :vocab].double()
-                sums["positions"] += len(t)
-                for name, lg in (("nll_fp32", l32), ("nll_int8", l8)):
-                    sums[name] += float((torch.logsumexp(lg, 1) - lg.gather(1, t[:, None]).squeeze(1)).sum())
-                sums["argmax_same"] += int((l32.argmax(1) == l8.argmax(1)).sum())
-                for temp in temps:
-                    lp32, lp8 = torch.log_softmax(l32 / temp, 1), torch.log_softmax(l8 / temp, 1)
-                    p32 = lp32.exp()
-                    sums[f"kl_T{temp}"] += float(torch.where(p32 > 0, p32 * (lp32 - lp8), 0.0).sum())
-                    sums[f"tv_T{temp}"] += float(0.5 * (p32 - lp8.exp()).abs().sum())
+                compare(sums, exact, fast, feats[a : a + 256], targets[a : a + 256], vocab, temps)
             print(f"  {min(lo + 32, len(split))}/{len(split)} reviews", flush=True)
     n = sums["positions"]
     res = {"checkpoint": str(ckpt), "reviews": len(split), "positions": n,

@@ -12,7 +12,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 bash scripts/setup.sh
 venv="${LMCORE_VENV:-$repo/.venv}"
-"$venv/bin/ruff" check lmcore jobs tests
+"$venv/bin/ruff" check lmcore jobs tests bench
 
 in_ci=false
 case "${CI:-}" in true | TRUE | True | 1 | yes) in_ci=true ;; esac

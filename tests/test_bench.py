@@ -95,3 +95,18 @@ def test_bench_bad_arguments(tmp_path):
         assert proc.returncode == 2 and "train.jsonl.gz not found" in proc.stderr
     proc = _bench("--reference", str(tmp_path / "missing.py"), timeout=60)
     assert proc.returncode == 2 and "not found" in proc.stderr
+    # `python -m bench` runs the same driver
+    proc = subprocess.run([sys.executable, "-m", "bench", "--only", "nope"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown section 'nope'" in proc.stderr
+
+
+def test_bench_driver_is_torch_free():
+    """The driver and what it imports stay off torch and lmcore (a child's peak RSS starts from
+    the driver's): imported as the script sees them, from bench/."""
+    code = ("import sys, bench; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lmcore', 'numpy')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO / "bench", capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,88 @@
+"""eval: masked test perplexity throughput. `seed_reference.py eval --stride 10` against
+`lmcore eval eval.stride=10 eval.notebook_figure=false` on the same weights (random,
+torch.manual_seed(0), or --eval-checkpoint; saved in both formats by bench/helpers.py
+checkpoints). The figures must agree: a correctness check. Timed: the scoring loop only.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from children import proc_fields
+from context import EVAL_STRIDE, TARGETS, Bench
+from report import table
+
+
+def _commands(b: Bench) -> tuple[list[str], list[str], dict, int]:
+    """(our command, the reference's, the checkpoints, the review limit) on the same weights."""
+    a = b.args
+    ckpt_args = ["--data", str(a.data), "--work", str(b.work)]
+    if a.eval_checkpoint:
+        ckpt_args += ["--checkpoint", str(Path(a.eval_checkpoint).resolve())]
+    b.fresh("random_run")
+    b.fresh("eval-run")
+    ck = b.helper("checkpoints", *ckpt_args)
+    limit = a.eval_limit
+    if limit % 32:
+        limit += 32 - limit % 32  # the reference stops at whole batches of 32
+    ours_cmd = b.lmcore("eval", "configs/imdb_seed.yaml", f"run.dir={b.work / 'eval-run'}",
+                        f"eval.checkpoint={ck['checkpoint']}", f"eval.stride={EVAL_STRIDE}",
+                        f"eval.limit={limit}", "eval.notebook_figure=false", "eval.split=test")
+    ref_cmd = b.reference("eval", "--ckpt", ck["reference_checkpoint"], "--stride", str(EVAL_STRIDE),
+                          *(["--limit", str(limit)] if limit else []))
+    return ours_cmd, ref_cmd, ck, limit
+
+
+def _run_pairs(b: Bench, ours_cmd: list[str], ref_cmd: list[str]) -> tuple[list[dict], list[dict]]:
+    """--eval-repeats (ours, reference) pairs, one after the other; (ours, reference) rows."""
+    ours, refs = [], []
+    order = [("ours", ours_cmd), ("ref", ref_cmd)] * b.args.eval_repeats
+    for i, (side, cmd) in enumerate(order):
+        c = b.child(f"{side}-eval-{i}", cmd)
+        j = c["json"]
+        if side == "ref":
+            row = {"masked_ppl": j["masked_ppl"], "notebook_unmasked_ppl": j["unmasked_ppl"],
+                   "targets": j["real_tokens"], "seconds": j["eval_s"],
+                   "real_tokens_per_s": round(j["real_tokens"] / j["eval_s"], 1), **proc_fields(c)}
+            refs.append(row)
+        else:
+            row = {"masked_ppl": round(j["masked_ppl"], 3), "targets": j["num_targets"],
+                   "reviews": j["num_reviews"], "seconds": j["seconds"],
+                   "real_tokens_per_s": j["tokens_per_s"], **proc_fields(c)}
+            ours.append(row)
+        print(f"    {side}: masked ppl {row['masked_ppl']}, {row['targets']} targets, "
+              f"{row['seconds']} s, {row['real_tokens_per_s']} real tokens/s, "
+              f"peak RSS {row['peak_rss_mb']} MB", flush=True)
+    return ours, refs
+
+
+def run(b: Bench) -> None:
+    ours_cmd, ref_cmd, ck, limit = _commands(b)
+    ours, refs = _run_pairs(b, ours_cmd, ref_cmd)
+    ref_tps = statistics.mean(r["real_tokens_per_s"] for r in refs)
+    our_tps = statistics.mean(r["real_tokens_per_s"] for r in ours)
+    rel = ours[0]["masked_ppl"] / refs[0]["masked_ppl"] - 1
+    agree = ours[0]["targets"] == refs[0]["targets"] and abs(rel) < 5e-3
+    b.result["sections"]["eval"] = {
+        "weights": ck["weights"], "limit": limit, "reference": refs, "ours": ours,
+        "reference_real_tokens_per_s": round(ref_tps, 1), "ours_real_tokens_per_s": round(our_tps, 1),
+        "figures_agree": agree, "ppl_relative_difference": round(rel, 6),
+        "agreement_note": "same targets (every word + one <eos> per review); the perplexities differ "
+                          "slightly because the reference scores <eos> after the padding (the "
+                          "notebook's rows), ours right after the last word; tolerance 0.5%",
+        "note": "ours forward-only (eval.notebook_figure=false): the reference gets its unmasked "
+                "figure from the same forward pass, ours would need a second one; timed: the scoring "
+                "loop only"}
+    table("evaluation (masked ppl, every 10th test review)",
+          ["side", "ppl", "targets", "s", "real tok/s"],
+          [["reference", refs[0]["masked_ppl"], refs[0]["targets"], refs[0]["seconds"], ref_tps]]
+          + [[f"ours run {i + 1}", o["masked_ppl"], o["targets"], o["seconds"], o["real_tokens_per_s"]]
+             for i, o in enumerate(ours)])
+    ratio = our_tps / ref_tps
+    what = "evaluation real tokens/s (stride 10" + (f", {limit} reviews)" if limit else ")")
+    b.target("eval_throughput", what, round(ref_tps, 1), round(our_tps, 1), "real tokens/s", ratio,
+             f">= {TARGETS['eval_ratio']:g}x", ratio >= TARGETS["eval_ratio"],
+             f"same weights ({ck['weights'].split(':')[0]}); masked ppl ours {ours[0]['masked_ppl']} "
+             f"vs reference {refs[0]['masked_ppl']} ({rel:+.2%}), targets {ours[0]['targets']} vs "
+             f"{refs[0]['targets']}: {'agree' if agree else 'DIFFER'}")

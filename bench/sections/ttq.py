@@ -1,0 +1,115 @@
+"""ttq: time to quality. The reference's time for 216 steps (measured here: its first W steps +
+the rest at its steady seconds per step, from ref_train.py), the steps it needs for masked test
+perplexity 541.9 (../shared/notes/baseline.md, not re-run), against the training seconds
+configs/imdb_fast.yaml needs to reach <= 541.9 on the same 2,500 reviews (every 10th test
+review, the notebook's vocabulary), validating every --ttq-eval-every steps.
+
+Ours = train_seconds at the first validation <= 541.9, so up to --ttq-eval-every steps late;
+the run is stopped (SIGTERM: the trainer checkpoints at the next step and exits 3) once the
+target is reached (unless --ttq-continue) or the budget spent.
+"""
+
+from __future__ import annotations
+
+import signal
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from children import proc_fields, read_jsonl
+from context import EVAL_STRIDE, TARGETS, Bench
+from report import table
+
+from .ref_train import reference_training
+
+# The reference's quality point (../shared/notes/baseline.md): 216 steps -> 541.9.
+REF_TTQ_STEPS = 216
+REF_TTQ_PPL = 541.9
+
+
+def ttq_rows(path: Path) -> tuple[list[dict], float]:
+    """Validations joined with the training seconds logged at the same step, and the latest
+    training seconds."""
+    rows = read_jsonl(path)
+    seconds = {r["step"]: r["train_seconds"] for r in rows if "train_seconds" in r}
+    vals = [{"step": r["step"], "train_seconds": round(seconds[r["step"]], 2),
+             "val_ppl": round(r["val/ppl"], 2), "val_targets": r.get("val/targets")}
+            for r in rows if "val/ppl" in r and r["step"] in seconds]
+    return vals, max(seconds.values(), default=0.0)
+
+
+def _train_ours(b: Bench, run_dir: Path, budget: float) -> tuple[dict, dict]:
+    """Our ttq training run, stopped at the target or the budget; (child record, how it stopped)."""
+    a = b.args
+    k = a.ttq_eval_every
+    extra = [f"train.max_steps={a.ttq_max_steps}"] if a.ttq_max_steps else []
+    extra += a.ttq_override
+    state: dict[str, Any] = {"stopped_by": "end", "signalled": False}
+    metrics = run_dir / "metrics.jsonl"
+
+    def poll(proc: subprocess.Popen) -> None:
+        if state["signalled"] or not metrics.exists():
+            return
+        hits, last_ts = ttq_rows(metrics)
+        if hits and hits[-1]["val_ppl"] <= REF_TTQ_PPL and not a.ttq_continue:
+            state["stopped_by"] = "target reached"
+        elif last_ts > budget:
+            state["stopped_by"] = "budget"
+        else:
+            return
+        proc.send_signal(signal.SIGTERM)  # the trainer checkpoints at the next step and exits 3
+        state["signalled"] = True
+
+    c = b.child("ours-ttq", b.lmcore(
+        "train", a.ttq_config, f"run.dir={run_dir}", f"train.eval_interval={k}",
+        f"train.log_interval={k}",
+        "data.val_split=test", f"data.val_stride={EVAL_STRIDE}", "data.val_limit=0",
+        "train.checkpoint_interval=1000000", "train.resume=never", *extra), poll=poll,
+        want_json=False, ok_codes=(0, 3))
+    return c, state
+
+
+def run(b: Bench) -> None:
+    a = b.args
+    reference_training(b, 1)  # nothing to do when the train section ran
+    ref_sps = statistics.mean(r["s_per_step"] for r in b.ref_train)
+    w = b.ref_warm
+    ref_s = w["train_s"] + (REF_TTQ_STEPS - w["steps"]) * ref_sps  # its warm-up counted once
+    goal_s = ref_s / TARGETS["ttq_ratio"]
+    budget = a.ttq_budget_s or 1.5 * goal_s
+    run_dir = b.fresh("ttq")
+    c, state = _train_ours(b, run_dir, budget)
+    vals, _ = ttq_rows(run_dir / "metrics.jsonl")
+    hit = next((v for v in vals if v["val_ppl"] <= REF_TTQ_PPL and v["train_seconds"] <= budget), None)
+    best = min(vals, key=lambda v: v["val_ppl"]) if vals else None
+    expected = (b.result.get("setup") or {}).get("val_targets")
+    b.result["sections"]["ttq"] = {
+        "reference_s_per_step": round(ref_sps, 3), "reference_steps": REF_TTQ_STEPS,
+        "reference_ppl": REF_TTQ_PPL, "reference_seconds_for_216_steps": round(ref_s, 1),
+        "goal_seconds": round(goal_s, 1), "budget_train_seconds": round(budget, 1),
+        "config": a.ttq_config, "overrides": a.ttq_override, "eval_every": a.ttq_eval_every,
+        "validations": vals, "first_at_or_below": hit,
+        "best_within_run": best, "stopped_by": state["stopped_by"],
+        "expected_val_targets": expected,
+        "val_targets_match": (all(v["val_targets"] == expected for v in vals) if expected else None),
+        "excluded": "tokenizer fit and token caching (setup, timed apart), process start, model "
+                    "construction, validation passes, checkpoint writes; ours = train_seconds "
+                    "(optimizer steps) at the first validation <= 541.9, so up to eval_every steps "
+                    "late",
+        **proc_fields(c)}
+    table("time to quality (masked test ppl <= 541.9, every 10th test review)",
+          ["side", "s/step", "steps", "seconds", "ppl"],
+          [["reference (216 steps at its speed here)", ref_s / REF_TTQ_STEPS, REF_TTQ_STEPS, ref_s,
+            REF_TTQ_PPL]]
+          + [[f"ours, validation at step {v['step']}", v["train_seconds"] / v["step"], v["step"],
+              v["train_seconds"], v["val_ppl"]] for v in vals])
+    ratio = ref_s / hit["train_seconds"] if hit else None
+    b.target("time_to_quality", f"training seconds to masked ppl <= {REF_TTQ_PPL} ({a.ttq_config})",
+             round(ref_s, 1), round(hit["train_seconds"], 2) if hit else None, "s", ratio,
+             f">= {TARGETS['ttq_ratio']:g}x (<= {goal_s:.1f} s)",
+             bool(ratio and ratio >= TARGETS["ttq_ratio"]),
+             (f"reached at step {hit['step']}, ppl {hit['val_ppl']:.1f}" if hit else
+              f"not reached within {budget:.0f} s; best {best['val_ppl']:.1f} at "
+              f"{best['train_seconds']:.1f} s" if best else "no validation finished")
+             + f"; stopped by {state['stopped_by']}; peak RSS {c['peak_rss_mb']} MB")
