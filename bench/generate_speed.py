@@ -5,7 +5,7 @@ same run (absolute speeds drift with the machine and its load; the ratio is the 
     python bench/generate_speed.py --checkpoint runs/x   # a trained lmcore model instead
 
 What it does:
-  1. the real vocabulary: lmcore.data.fit_tokenizer on --data (IMDB train; cached);
+  1. the real vocabulary: lmcore.data.cache.fit_tokenizer on --data (IMDB train; cached);
   2. a model of the notebook's sizes (Embedding 300, LSTM 256, Linear to the vocabulary),
      random weights (torch.manual_seed(0)) unless --checkpoint is given;
   3. saves it twice: as an lmcore checkpoint, and as the reference's format
@@ -14,7 +14,7 @@ What it does:
   4. runs the reference (`gen --prompts 40 --max-len 50`: 40 prompts of <bos> + 5 words,
      50 new words at T = 0.3, whole prefix re-run per word), then ours (--prompts test
      reviews' first 5 words as a JSONL file, --new-tokens each, T = 0.3) through
-     lmcore.genjob.generate_shard for each precision and batch size, then the reference
+     lmcore.gen.job.generate_shard for each precision and batch size, then the reference
      again; the ratio uses the mean of the two reference runs;
   5. times the parts of one decoding step (output matmul, sampling pass, LSTM step);
   6. prints a table and writes JSON (--out).
@@ -42,15 +42,16 @@ from pathlib import Path
 import torch
 from context import REPO, SHARED
 
-from lmcore.checkpoint import CheckpointWriter, load_for_inference
+from lmcore.checkpoint import CheckpointWriter, resolve
 from lmcore.config import DataConfig, ModelConfig, load_config
-from lmcore.data import fit_tokenizer
-from lmcore.generate import Decoder, auto_precision
-from lmcore.genjob import generate_shard
+from lmcore.data.cache import fit_tokenizer
+from lmcore.data.sources import read_texts
+from lmcore.data.tokenizer import SPECIALS
+from lmcore.gen.decoder import Decoder, auto_precision
+from lmcore.gen.job import generate_shard
+from lmcore.gen.sampling import SamplingParams, pick_tokens
 from lmcore.model import LSTMLM
-from lmcore.sampling import SamplingParams, pick_tokens
-from lmcore.sources import read_texts
-from lmcore.tokenizer import SPECIALS
+from lmcore.rundir import RunDir
 
 
 def notebook_ids(tok, source: str) -> list[int]:
@@ -71,7 +72,7 @@ def notebook_ids(tok, source: str) -> list[int]:
 
 
 def save_lmcore_checkpoint(model, tok, run_dir: Path) -> Path:
-    w = CheckpointWriter(run_dir, 0)
+    w = CheckpointWriter(RunDir(run_dir), 0)
     w.begin()
     w.write_main(model, {"state": {}, "param_groups": []}, {"step": 0, "note": "bench: inference only"},
                  tok.to_json(), "")
@@ -83,7 +84,8 @@ def notebook_model(checkpoint: str, data: str, random_run: Path):
     or the notebook's sizes with random weights (torch.manual_seed(0)) saved to random_run.
     Either way the architecture must be the notebook's, which the reference can load."""
     if checkpoint:
-        model, tok, ckpt = load_for_inference(checkpoint)
+        found = resolve(checkpoint)
+        (model, tok), ckpt = found.build_model(), found.path
         weights = f"trained: {ckpt}"
     else:
         tok = fit_tokenizer(DataConfig(source=data))
@@ -179,7 +181,7 @@ def write_prompts(data: str, n: int, path: Path) -> None:
 
 def run_ours(args: argparse.Namespace, work: Path, ckpt: Path, prompts: Path, precision: str, bs: int,
              rep: int) -> dict:
-    """One bulk generation job (lmcore.genjob.generate_shard) in this process: its decoder's
+    """One bulk generation job (lmcore.gen.job.generate_shard) in this process: its decoder's
     new tokens/s, and the job's wall time around it."""
     out = work / f"out-{precision}-{bs}-{rep}"
     overrides = [f"run.dir={work / 'run'}", f"generate.checkpoint={ckpt}",

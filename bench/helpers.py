@@ -22,7 +22,7 @@ from context import EVAL_STRIDE
 from generate_speed import notebook_ids, notebook_model, save_reference_checkpoint
 
 from lmcore.config import DataConfig
-from lmcore.data import cache_root, fit_tokenizer, load_split, strided
+from lmcore.data.cache import cache_root, fit_tokenizer, load_split, strided
 
 
 def peak(size: int) -> dict[str, Any]:

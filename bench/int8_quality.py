@@ -6,7 +6,7 @@
 Reads test reviews as the evaluation does (`<bos>` + first 256 words + `<eos>`, every
 --stride-th review), runs the trained model over them, and at every real position compares
 the generation decoder's output layer in fp32 and in int8 (the same code the bulk job runs:
-lmcore.generate.Decoder._logits). Prints and writes (--out, JSON):
+lmcore.gen.decoder.Decoder._logits). Prints and writes (--out, JSON):
   * masked perplexity of the next word with each (int8 as a scorer: how much it costs);
   * mean KL(fp32 || int8) and mean total-variation distance of the sampling distribution at
     each --temperatures (TV bounds the chance that one draw differs under the best coupling);
@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 from context import SHARED
 
-from lmcore.batching import IGNORE, review_rows, rows_to_batch
-from lmcore.checkpoint import load_for_inference
+from lmcore.checkpoint import resolve
 from lmcore.config import DataConfig
-from lmcore.data import load_split, strided
-from lmcore.generate import Decoder
-from lmcore.sampling import SamplingParams
+from lmcore.data.batching import IGNORE, review_rows, rows_to_batch
+from lmcore.data.cache import load_split, strided
+from lmcore.gen.decoder import Decoder
+from lmcore.gen.sampling import SamplingParams
 
 
 def parse_args() -> argparse.Namespace:
@@ -65,7 +65,8 @@ def compare(sums: dict, exact: Decoder, fast: Decoder, f: torch.Tensor, t: torch
 
 def main() -> None:
     args = parse_args()
-    model, tok, ckpt = load_for_inference(args.checkpoint)
+    found = resolve(args.checkpoint)
+    (model, tok), ckpt = found.build_model(), found.path
     if model.adaptive is not None:
         raise SystemExit("int8 is for the full softmax; this checkpoint uses the adaptive softmax")
     split = strided(load_split(DataConfig(source=args.data), "test", tok), args.stride, args.reviews)

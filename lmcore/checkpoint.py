@@ -4,47 +4,43 @@
         model.safetensors       weights
         optimizer.safetensors   optimizer tensors   + optimizer.json (the rest)
         rank_00000.safetensors  per-rank RNG and carried LSTM state
-        trainer_state.json      step, data position, counters
+        trainer_state.json      step, data position, counters (lmcore.trainer.TrainState)
         tokenizer.json, config.yaml
         manifest.json           sha256 of every file above, architecture, vocabulary
 
-A checkpoint is written into a temporary folder and renamed into place once complete
-(manifest last), so a crash leaves either the old set or the new one. Loading verifies
-every checksum and falls back to the previous checkpoint if one is damaged.
+Writing (CheckpointWriter): into a temporary folder, manifest last, renamed into place, so a
+crash leaves the old set or the new one. Reading (Checkpoint.open): every file is read once,
+checked against the manifest, and its bytes are what gets loaded, so a file swapped after the
+check is never used. The manifest catches truncation and bit rot; it does not authenticate:
+someone who edits the weights can write a matching manifest. Compare `lmcore verify`'s
+fingerprint with the one the checkpoint's author published.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load as load_tensors
 
-from lmcore.errors import CheckpointError
-from lmcore.fileio import atomic_write_json, fsync_dir, sha256_file, usual_permissions
+from lmcore import fileio
+from lmcore.config import ModelConfig
+from lmcore.data.tokenizer import WordTokenizer
+from lmcore.errors import CheckpointError, LmcoreError, first_line
+from lmcore.model import LSTMLM
+from lmcore.rundir import STEP_PREFIX, RunDir
+from lmcore.schema import Reader, Value
 
 MANIFEST = "manifest.json"
 FORMAT = "lmcore-checkpoint"
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def checkpoints_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        import os
-
-        os.fsync(f.fileno())
+VERSION = 1
 
 
 # -- optimizer state without pickle ------------------------------------------------------
@@ -54,11 +50,10 @@ def optimizer_to_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
     for pid, entry in state["state"].items():
         for k, v in entry.items():
             if torch.is_tensor(v):
-                tensors[f"{pid}/{k}"] = v.detach().contiguous().cpu()
+                tensors[f"{pid}/{k}"] = v
             else:
                 scalars.setdefault(str(pid), {})[k] = v
-    meta = {"param_groups": state["param_groups"], "scalars": scalars}
-    return tensors, meta
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
@@ -71,77 +66,70 @@ def optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor once (tied embedding and output weights)."""
+    seen: set[tuple] = set()
+    out = {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            out[name] = t
+    return out
+
+
 # -- writing ------------------------------------------------------------------------------
 class CheckpointWriter:
     """Writes one checkpoint from every rank. Call the steps in order, with barriers between
-    (the trainer does): begin (rank 0), write_rank (all), finish (rank 0)."""
+    (the trainer does): begin (rank 0), write_rank (all), write_main and finish (rank 0)."""
 
-    def __init__(self, run_dir: str | Path, step: int):
-        self.root = checkpoints_dir(run_dir)
-        self.final = self.root / step_dir_name(step)
-        self.tmp = self.root / f".tmp-{step_dir_name(step)}"
+    def __init__(self, run: RunDir, step: int):
+        self.root = run.checkpoints
+        self.final = run.step_dir(step)
+        self.tmp = self.root / f".tmp-{self.final.name}"
 
     def begin(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        fileio.make_dir(self.root)
         for p in self.root.glob(".tmp-*"):  # debris of killed earlier writes and prunes
             shutil.rmtree(p, ignore_errors=True)
-        self.tmp.mkdir()
+        fileio.make_dir(self.tmp)
 
     def abort(self) -> None:
         """Drop the unfinished folder (a failed write): the checkpoints before it stay."""
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def write_rank(self, rank: int, tensors: dict[str, torch.Tensor]) -> None:
-        path = self.tmp / f"rank_{rank:05d}.safetensors"
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-        usual_permissions(path)
-        _fsync(path)
+        fileio.save_tensors(self.tmp / f"rank_{rank:05d}.safetensors", tensors)
 
     def write_main(self, model: torch.nn.Module, optimizer_state: dict[str, Any],
                    trainer_state: dict[str, Any], tokenizer_json: str, config_yaml: str) -> None:
-        save_model(model, str(self.tmp / "model.safetensors"))
+        fileio.save_tensors(self.tmp / "model.safetensors", model_tensors(model))
         tensors, meta = optimizer_to_files(optimizer_state)
-        save_file(tensors, str(self.tmp / "optimizer.safetensors"))
-        for name in ("model.safetensors", "optimizer.safetensors"):
-            usual_permissions(self.tmp / name)
-        (self.tmp / "optimizer.json").write_text(json.dumps(meta))
-        (self.tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        (self.tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-        (self.tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        fileio.save_tensors(self.tmp / "optimizer.safetensors", tensors)
+        fileio.write_new(self.tmp / "optimizer.json", json.dumps(meta).encode())
+        fileio.write_new(self.tmp / "trainer_state.json", json.dumps(trainer_state, indent=2).encode())
+        fileio.write_new(self.tmp / "tokenizer.json", tokenizer_json.encode("utf-8"))
+        fileio.write_new(self.tmp / "config.yaml", config_yaml.encode("utf-8"))
 
-    def finish(self, architecture: dict[str, Any], tokenizer_fingerprint: str, step: int,
-               keep: int) -> Path:
-        files = {}
-        for f in sorted(self.tmp.iterdir()):
-            _fsync(f)
-            files[f.name] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
-        atomic_write_json(self.tmp / MANIFEST, {
-            "format": FORMAT, "version": 1, "step": step, "architecture": architecture,
-            "tokenizer_fingerprint": tokenizer_fingerprint, "files": files,
-        })
-        fsync_dir(self.tmp)
-        if self.final.exists():  # the same step saved again (e.g. after a requeue)
-            shutil.rmtree(self.final)
-        self.tmp.rename(self.final)
-        fsync_dir(self.root)
+    def finish(self, architecture: dict[str, Any], tokenizer_fingerprint: str, step: int, keep: int) -> Path:
+        files = {f.name: {"sha256": fileio.sha256_file(f), "bytes": f.stat().st_size}
+                 for f in sorted(self.tmp.iterdir())}
+        fileio.atomic_write_json(self.tmp / MANIFEST, {
+            "format": FORMAT, "version": VERSION, "step": step, "architecture": architecture,
+            "tokenizer_fingerprint": tokenizer_fingerprint, "files": files})
+        fileio.publish_dir(self.tmp, self.final, replace=True)  # the same step again after a requeue
         prune(self.root, keep, self.final.name)
         return self.final
-
-
-def _remove(p: Path) -> None:
-    gone = p.with_name(f".tmp-del-{p.name}")
-    p.rename(gone)  # atomic: never a half-deleted checkpoint under its own name
-    shutil.rmtree(gone, ignore_errors=True)
 
 
 def prune(root: Path, keep: int, current: str | None = None) -> None:
     ckpts = list_checkpoints(root)
     if current is not None:
         for p in [p for p in ckpts if p.name > current]:  # skipped as damaged when this job resumed
-            _remove(p)
+            fileio.remove_tree(p)
         ckpts = [p for p in ckpts if p.name <= current]
     for old in ckpts[:-keep]:
-        _remove(old)
+        fileio.remove_tree(old)
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -149,17 +137,14 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Completed checkpoint folders (with a manifest), oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
              and (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
-def read_manifest(ckpt: Path) -> dict[str, Any]:
-    path = ckpt / MANIFEST
-    if not path.is_file():
-        raise CheckpointError(f"{ckpt} is not a complete lmcore checkpoint (no {MANIFEST})")
+def _parse_manifest(path: Path, data: bytes) -> dict[str, Any]:
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(data)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ValueError("not an lmcore checkpoint")
         files = manifest.get("files")
@@ -173,126 +158,171 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify(ckpt: Path) -> dict[str, Any]:
-    """The manifest, once every file's checksum matches; CheckpointError otherwise."""
-    manifest = read_manifest(ckpt)
-    for name, info in manifest["files"].items():
-        f = ckpt / name
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {ckpt} is missing {name}")
-        if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
-            raise CheckpointError(f"checkpoint {ckpt}: {name} fails its checksum (truncated or corrupted)")
-    return manifest
+@dataclass
+class Checkpoint:
+    """A checkpoint folder whose every file matched its manifest; holds the bytes it checked."""
 
+    path: Path
+    manifest: dict[str, Any]
+    files: dict[str, bytes] = field(repr=False)
 
-def latest_valid(run_dir: str | Path, problems: list[str] | None = None) -> Path | None:
-    """The newest checkpoint that verifies. Damaged ones are skipped with a warning, or, when
-    a `problems` list is given, their problems are appended to it for the caller to report."""
-    for ckpt in reversed(list_checkpoints(checkpoints_dir(run_dir))):
+    @classmethod
+    def open(cls, path: str | Path) -> Checkpoint:
+        path = Path(path)
         try:
-            verify(ckpt)
-            return ckpt
+            raw = (path / MANIFEST).read_bytes()
+        except FileNotFoundError:
+            raise CheckpointError(f"{path} is not a complete lmcore checkpoint (no {MANIFEST})") from None
+        except OSError as e:
+            raise CheckpointError(f"cannot read {path / MANIFEST} ({first_line(e)})") from None
+        manifest = _parse_manifest(path / MANIFEST, raw)
+        files = {}
+        for name, info in manifest["files"].items():
+            try:
+                data = (path / name).read_bytes()
+            except FileNotFoundError:
+                raise CheckpointError(f"checkpoint {path} is missing {name}") from None
+            except OSError as e:
+                raise CheckpointError(f"checkpoint {path}: {name} cannot be read ({first_line(e)})") from None
+            if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
+                raise CheckpointError(f"checkpoint {path}: {name} fails its checksum (truncated or "
+                                      "corrupted)")
+            files[name] = data
+        return cls(path, manifest, files)
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest.get("step", 0))
+
+    @property
+    def model_sha256(self) -> str:
+        return self.manifest["files"]["model.safetensors"]["sha256"]
+
+    def info(self) -> dict[str, Any]:
+        """What identifies the weights (recorded by jobs that use them)."""
+        return {"path": str(self.path), "step": self.manifest.get("step"), "model_sha256": self.model_sha256,
+                "tokenizer_fingerprint": self.manifest["tokenizer_fingerprint"],
+                "architecture": self.manifest.get("architecture")}
+
+    def _json(self, name: str) -> Any:
+        try:
+            return json.loads(self.files[name])
+        except (KeyError, ValueError) as e:
+            raise self._unreadable(name, e) from None
+
+    def _tensors(self, name: str) -> dict[str, torch.Tensor]:
+        try:
+            return load_tensors(self.files[name])
+        except (KeyError, SafetensorError, ValueError) as e:
+            raise self._unreadable(name, e) from None
+
+    def _unreadable(self, name: str, e: BaseException) -> CheckpointError:
+        return CheckpointError(f"checkpoint {self.path}: {name} cannot be read ({first_line(e)})")
+
+    def tokenizer(self) -> WordTokenizer:
+        try:
+            tok = WordTokenizer.from_json(self.files["tokenizer.json"].decode("utf-8"),
+                                          f"{self.path}/tokenizer.json")
+        except (KeyError, UnicodeDecodeError, LmcoreError) as e:
+            raise CheckpointError(f"checkpoint {self.path}: tokenizer.json cannot be read ({first_line(e)})"
+                                  ) from None
+        if tok.fingerprint != self.manifest["tokenizer_fingerprint"]:
+            raise CheckpointError(f"checkpoint {self.path}: tokenizer.json does not match the weights")
+        return tok
+
+    def load_weights(self, model: torch.nn.Module) -> None:
+        try:
+            state = load_tensors(self.files["model.safetensors"])
+        except (KeyError, SafetensorError, ValueError) as e:
+            raise CheckpointError(f"cannot load weights from {self.path}: {first_line(e)}") from None
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # a shape that does not fit
+            raise CheckpointError(f"cannot load weights from {self.path}: {first_line(e)}") from None
+        # tied weights are stored once, under either of their names
+        storage = {name: (t.data_ptr(), tuple(t.shape)) for name, t in model.state_dict().items()}
+        loaded = {storage[name] for name in state if name in storage}
+        missing = [k for k in missing if storage.get(k) not in loaded]
+        if missing or unexpected:
+            raise CheckpointError(f"weights in {self.path} do not fit the model (missing {missing}, "
+                                  f"unexpected {list(unexpected)})")
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return optimizer_from_files(self._tensors("optimizer.safetensors"), self._json("optimizer.json"))
+
+    def trainer_state(self) -> dict[str, Any]:
+        return self._json("trainer_state.json")
+
+    def rank_state(self, rank: int) -> dict[str, torch.Tensor] | None:
+        name = f"rank_{rank:05d}.safetensors"
+        return self._tensors(name) if name in self.files else None
+
+    def model_config(self) -> ModelConfig:
+        """The architecture as a ModelConfig; keys a newer lmcore wrote are refused, clearly."""
+        arch = {k: v for k, v in self.manifest["architecture"].items() if k != "vocab_size"}
+        reader = Reader(lambda key: f"checkpoint {self.path}: architecture {key}",
+                        lambda key: f"checkpoint {self.path} has an architecture key this lmcore does not "
+                                    f"know ('{key}': written by a newer lmcore? upgrade lmcore to use it)",
+                        CheckpointError)
+        return reader.build(ModelConfig, Value.of(arch))
+
+    def check_compatible(self, architecture: dict[str, Any], fingerprint: str) -> None:
+        if self.manifest["tokenizer_fingerprint"] != fingerprint:
+            raise CheckpointError(
+                f"checkpoint {self.path} was trained with another vocabulary (tokenizer "
+                f"{self.manifest['tokenizer_fingerprint']}, this run {fingerprint}); use the tokenizer.json "
+                "saved with the checkpoint, or a new run.dir")
+        self.model_config()  # unknown keys: a newer lmcore's checkpoint
+        theirs = self.manifest["architecture"]
+        diff = [f"{k}: checkpoint {theirs.get(k)!r} vs config {v!r}" for k, v in architecture.items()
+                if theirs.get(k) != v]
+        if diff:
+            raise CheckpointError(f"checkpoint {self.path} has another architecture ({'; '.join(diff)}); "
+                                  "set the model config to match it, or use a new run.dir")
+
+    def build_model(self, device: torch.device | str = "cpu") -> tuple[LSTMLM, WordTokenizer]:
+        """The model with these weights (in eval mode) and its tokenizer."""
+        tok = self.tokenizer()
+        vocab = self.manifest["architecture"].get("vocab_size")
+        if vocab != len(tok):
+            raise CheckpointError(f"checkpoint {self.path}: tokenizer.json does not match the weights")
+        model = LSTMLM(vocab, self.model_config(), tok.pad_id)
+        self.load_weights(model)
+        return model.to(device).eval(), tok
+
+
+@dataclass
+class Latest:
+    checkpoint: Checkpoint | None  # the newest that verifies
+    count: int  # checkpoint folders found
+    problems: list[str]  # why newer ones were skipped, newest first
+
+
+def find_latest(run: RunDir) -> Latest:
+    """The newest checkpoint of a run that verifies (listing the folder once)."""
+    found = list_checkpoints(run.checkpoints)
+    problems: list[str] = []
+    for path in reversed(found):
+        try:
+            return Latest(Checkpoint.open(path), len(found), problems)
         except CheckpointError as e:
-            if problems is None:
-                warnings.warn(f"skipping damaged checkpoint: {e}", stacklevel=2)
-            else:
-                problems.append(str(e))
-    return None
+            problems.append(str(e))
+    return Latest(None, len(found), problems)
 
 
-def resolve(path_or_run: str | Path) -> Path:
-    """A checkpoint folder, or the latest valid checkpoint of a run folder."""
+def resolve(path_or_run: str | Path) -> Checkpoint:
+    """A checkpoint folder, or the latest valid checkpoint of a run folder (damaged newer ones
+    are skipped with a warning)."""
     p = Path(path_or_run)
     if (p / MANIFEST).is_file():
-        verify(p)
-        return p
+        return Checkpoint.open(p)
     if not p.exists():
         raise CheckpointError(f"checkpoint path {p} does not exist; pass a run folder or a checkpoint folder")
-    problems: list[str] = []
-    ckpt = latest_valid(p, problems)
-    if ckpt is None:
-        why = f" ({'; '.join(problems)})" if problems else ""
+    latest = find_latest(RunDir(p))
+    if latest.checkpoint is None:
+        why = f" ({'; '.join(latest.problems)})" if latest.problems else ""
         raise CheckpointError(f"no valid checkpoint in {p}{why}; train first, or pass a checkpoint folder")
-    for problem in problems:
+    for problem in latest.problems:
         warnings.warn(f"skipping damaged checkpoint: {problem}", stacklevel=2)
-    return ckpt
+    return latest.checkpoint
 
-
-def check_compatible(manifest: dict[str, Any], architecture: dict[str, Any], fingerprint: str,
-                     where: Path) -> None:
-    if manifest["tokenizer_fingerprint"] != fingerprint:
-        raise CheckpointError(
-            f"checkpoint {where} was trained with another vocabulary (tokenizer "
-            f"{manifest['tokenizer_fingerprint']}, this run {fingerprint}); "
-            "use the tokenizer.json saved with the checkpoint, or a new run.dir"
-        )
-    theirs = manifest["architecture"]
-    diff = [f"{k}: checkpoint {theirs.get(k)!r} vs config {v!r}" for k, v in architecture.items()
-            if theirs.get(k) != v]
-    if diff:
-        raise CheckpointError(
-            f"checkpoint {where} has another architecture ({'; '.join(diff)}); "
-            "set the model config to match it, or use a new run.dir"
-        )
-
-
-def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    try:
-        missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
-    except (SafetensorError, RuntimeError, OSError) as e:
-        raise CheckpointError(f"cannot load weights from {ckpt}: {str(e).splitlines()[0]}") from None
-    if missing or unexpected:
-        raise CheckpointError(
-            f"weights in {ckpt} do not fit the model (missing {missing}, unexpected {unexpected})"
-        )
-
-
-def _damaged(ckpt: Path, name: str, e: BaseException) -> CheckpointError:
-    why = str(e).splitlines()[0] if str(e) else repr(e)
-    return CheckpointError(f"checkpoint {ckpt}: {name} cannot be read ({why})")
-
-
-def load_optimizer_state(ckpt: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads((ckpt / "optimizer.json").read_text())
-        tensors = load_file(str(ckpt / "optimizer.safetensors"))
-    except (SafetensorError, ValueError, OSError) as e:
-        raise _damaged(ckpt, "optimizer.safetensors/optimizer.json", e) from None
-    return optimizer_from_files(tensors, meta)
-
-
-def load_rank_state(ckpt: Path, rank: int) -> dict[str, torch.Tensor] | None:
-    path = ckpt / f"rank_{rank:05d}.safetensors"
-    try:
-        return load_file(str(path)) if path.is_file() else None
-    except (SafetensorError, OSError) as e:
-        raise _damaged(ckpt, path.name, e) from None
-
-
-def load_trainer_state(ckpt: Path) -> dict[str, Any]:
-    try:
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        for key in ("step", "epoch", "index", "tokens_seen", "train_seconds", "world_size"):
-            state[key]
-    except (ValueError, OSError, KeyError, TypeError) as e:
-        raise _damaged(ckpt, "trainer_state.json", e) from None
-    return state
-
-
-def load_for_inference(path_or_run: str | Path, device: torch.device | str = "cpu"):
-    """(model, tokenizer, checkpoint folder) built from the checkpoint's own architecture."""
-    from lmcore.config import ModelConfig
-    from lmcore.data.tokenizer import WordTokenizer
-    from lmcore.model import LSTMLM
-
-    ckpt = resolve(path_or_run)
-    manifest = read_manifest(ckpt)
-    tok = WordTokenizer.load(ckpt / "tokenizer.json")
-    arch = dict(manifest["architecture"])
-    vocab_size = arch.pop("vocab_size")
-    if vocab_size != len(tok) or manifest["tokenizer_fingerprint"] != tok.fingerprint:
-        raise CheckpointError(f"checkpoint {ckpt}: tokenizer.json does not match the weights")
-    model = LSTMLM(vocab_size, ModelConfig(**arch), tok.pad_id)
-    load_weights(model, ckpt)
-    model.to(device).eval()
-    return model, tok, ckpt

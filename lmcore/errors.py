@@ -15,3 +15,12 @@ class DataError(LmcoreError):
 
 class CheckpointError(LmcoreError):
     pass
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message for a one-line error: an OSError's strerror
+    ("No space left on device"), else the first non-empty line, else the type's name."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__

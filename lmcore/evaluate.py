@@ -22,10 +22,17 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from lmcore.data.batching import IGNORE, eval_batches, review_rows, rows_to_batch
-from lmcore.data.cache import TokenizedSplit
+from lmcore import fileio
+from lmcore.checkpoint import resolve
+from lmcore.config import Config
+from lmcore.data.batching import eval_batches, review_rows, rows_to_batch
+from lmcore.data.cache import TokenizedSplit, load_split, strided
 from lmcore.data.tokenizer import WordTokenizer
+from lmcore.errors import LmcoreError, first_line
 from lmcore.model import LSTMLM
+from lmcore.rundir import RunDir
+from lmcore.runtime.accelerator import make_accelerator
+from lmcore.track.wandb_init import open_tracker
 
 
 @dataclass
@@ -106,26 +113,19 @@ def evaluate(model: LSTMLM, split: TokenizedSplit, tok: WordTokenizer, batch_siz
     )
 
 
-__all__ = ["EvalResult", "evaluate", "notebook_rows", "IGNORE"]
-
-
-def run_eval(cfg) -> dict | None:
+def run_eval(cfg: Config) -> dict | None:
     """The eval job: checkpoint -> masked perplexity on cfg.eval.split -> JSON beside it.
     Returns the result on rank 0 (None elsewhere)."""
-    from lmcore.checkpoint import load_for_inference
-    from lmcore.data.cache import load_split, strided
-    from lmcore.fileio import atomic_write_json
-    from lmcore.runtime.accelerator import make_accelerator
-
     acc = make_accelerator(cfg)
-    model, tok, ckpt = load_for_inference(cfg.eval.checkpoint or cfg.run.dir, acc.device)
-    with acc.main_process_first():
+    ckpt = resolve(cfg.eval.checkpoint or cfg.run.dir)
+    model, tok = ckpt.build_model(acc.device)
+    with acc.main_process_first():  # rank 0 builds the token cache, the others then read it
         split = load_split(cfg.data, cfg.eval.split, tok)
     split = strided(split, cfg.eval.stride, cfg.eval.limit)
     res = evaluate(model, split, tok, cfg.eval.batch_size, cfg.data.truncate, acc,
                    notebook_figure=cfg.eval.notebook_figure, autocast=acc.autocast)
     out = {
-        "checkpoint": str(ckpt), "split": cfg.eval.split, "data": cfg.data.source,
+        "checkpoint": str(ckpt.path), "split": cfg.eval.split, "data": cfg.data.source,
         "stride": cfg.eval.stride, "limit": cfg.eval.limit, "truncate": cfg.data.truncate,
         "world_size": acc.num_processes, "precision": cfg.train.mixed_precision, **res.to_dict(),
     }
@@ -134,11 +134,14 @@ def run_eval(cfg) -> dict | None:
             "the notebook's figure: loss over every position of its padded rows, pads and the "
             "<eos> after the padding counted; not a perplexity of the text")
     if acc.is_main_process:
-        atomic_write_json(ckpt / f"eval_{cfg.eval.split}.json", out)
-        from lmcore.track.tracker import open_tracker
-
-        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
-        tracker = open_tracker(cfg, run_dir, job="eval", enabled=True)
+        path = ckpt.path / f"eval_{cfg.eval.split}.json"
+        try:
+            fileio.atomic_write_json(path, out)
+        except OSError as e:
+            raise LmcoreError(f"could not write {path} ({first_line(e)}); free space (or make the checkpoint "
+                              "folder writable) and run the eval again") from None
+        run = RunDir.of_checkpoint(ckpt.path)
+        tracker = open_tracker(cfg, run.path if run else ckpt.path, job="eval", enabled=True)
         tracker.summary({f"eval/{cfg.eval.split}/{k}": v for k, v in out.items()
                          if k != "notebook_unmasked_ppl_note"})
         tracker.finish()

@@ -1,24 +1,41 @@
-"""Atomic, durable writes: a reader sees the old file or the new one, never half of one."""
+"""Every file and folder lmcore writes goes through this module.
+
+- Atomic: a file is written to a temporary name beside its target, fsynced and renamed over it;
+  a folder (a checkpoint, a cache entry) is filled under a temporary name and renamed into
+  place. A reader sees the old version or the new one, never half of one.
+- One permissions rule: what lmcore publishes gets the permissions open() and mkdir() would give
+  under the process's umask (files 0666, folders 0777, less the umask), so the rest of a group
+  on a shared cluster can read run folders, checkpoints, token caches and generation folders.
+  mkstemp, mkdtemp and safetensors would otherwise leave 0600 files and 0700 folders.
+- One place for tests to inject faults: WRITERS names every function here that writes, and
+  tests/fault_inject.py makes any of them raise OSError (ENOSPC, EACCES, EROFS, EIO) for chosen
+  paths. Callers use them as `fileio.NAME(...)` so that the patched function is the one called.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-# mkstemp makes 0600 files; published files get the usual permissions (0666 less umask).
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
+
+# The functions below that write; tests inject faults into each (tests/test_write_faults.py).
+WRITERS = ("make_dir", "atomic_write", "write_new", "save_tensors", "append_line", "new_temp_dir",
+           "publish_dir", "remove_tree", "create_exclusive", "open_lock")
 
 
 def usual_permissions(path: str | os.PathLike) -> None:
-    """0666 less the umask, as open() would give: mkstemp and safetensors make 0600 files,
-    which the rest of a group on a shared cluster could not read."""
-    os.chmod(path, 0o666 & ~_UMASK)
+    os.chmod(path, DIR_MODE if os.path.isdir(path) else FILE_MODE)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -29,17 +46,25 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path), fsync the result, then rename it over path."""
+def make_dir(path: str | os.PathLike) -> Path:
+    """The folder and its parents (as mkdir -p; existing ones are fine)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Call write(f) with a binary file open on a temporary name beside path, fsync it, then
+    rename it over path. On any error the temporary file is removed and path is untouched."""
+    path = Path(path)
+    make_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        write(tmp)
-        usual_permissions(tmp)
-        with open(tmp, "rb+") as f:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
             os.fsync(f.fileno())
+        usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -48,11 +73,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    atomic_write(path, write)
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -61,6 +82,104 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_new(path: str | os.PathLike, data: bytes) -> None:
+    """A file inside a folder that is still private (published later by publish_dir): written
+    and fsynced, not renamed."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    usual_permissions(path)
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict) -> None:
+    """A safetensors file inside a private folder (see write_new); tensors: name -> tensor."""
+    from safetensors.torch import save  # deferred: this module is imported before torch is
+
+    write_new(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}))
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """One line appended and fsynced (metrics.jsonl): a crash loses at most the line being written."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line if line.endswith("\n") else line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def new_temp_dir(parent: str | os.PathLike, prefix: str = ".tmp-") -> Path:
+    """An empty private folder in parent, to be filled and then published with publish_dir."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=make_dir(parent)))
+    usual_permissions(tmp)
+    return tmp
+
+
+def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike, replace: bool = False) -> bool:
+    """Rename a filled temp folder into place. replace: an existing final folder is removed
+    first; else, if another process published first, theirs is kept (returns False)."""
+    tmp, final = Path(tmp), Path(final)
+    for f in tmp.iterdir():
+        usual_permissions(f)
+    fsync_dir(tmp)
+    if replace and final.exists():
+        remove_tree(final)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if replace or not final.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    fsync_dir(final.parent)
+    return True
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Remove a folder atomically under its own name: renamed away first, then deleted, so a
+    reader never sees it half-deleted."""
+    path = Path(path)
+    gone = path.with_name(f".tmp-del-{path.name}")
+    os.rename(path, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def create_exclusive(path: str | os.PathLike, data: bytes) -> bool:
+    """Create path with data unless it exists (exactly one of several racing processes wins,
+    complete: it appears by hard link, fully written). True if this call created it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        usual_permissions(tmp)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: exclusive create instead
+            try:
+                with open(path, "xb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except FileExistsError:
+                return False
+        fsync_dir(path.parent)
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def open_lock(path: str | os.PathLike) -> int:
+    """A file descriptor of the lock file at path (created if needed), for flock."""
+    make_dir(Path(path).parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    return fd
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

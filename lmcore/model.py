@@ -14,11 +14,11 @@ import torch
 import torch.nn as nn
 
 from lmcore.config import ModelConfig
+from lmcore.data.batching import IGNORE
 from lmcore.errors import ConfigError
 from lmcore.loss import linear_cross_entropy
 
 State = tuple[torch.Tensor, torch.Tensor]
-IGNORE = -100
 
 
 @dataclass

@@ -1,37 +1,96 @@
-"""The training loop, flat: data position -> forward -> backward -> step -> log/eval/save.
+"""Training, read top to bottom: `train()` checks and sets up, `Trainer.fit()` is the loop,
+`Trainer.train_step()` one optimizer step.
 
-Loss is the summed NLL over real targets divided by the number of real targets in the
-whole optimizer step (all micro-batches, all ranks), so every token weighs the same
-whatever the padding, accumulation or world size. The data position (epoch, index), the
-carried LSTM state, RNG states, optimizer and weights are all in the checkpoint, so a run
-that is stopped and resumed ends with the same weights as one that never stopped.
+Loss is the summed NLL over real targets divided by the number of real targets in the whole
+optimizer step (all micro-batches, all ranks), so every token weighs the same whatever the
+padding, accumulation or world size. Where training stands (TrainState: step, data position,
+counters) and what differs per rank (RankState: the dropout RNG, the carried LSTM state, the
+loss window of the next log row) are saved in every checkpoint with the weights and the
+optimizer, so a run that is stopped and resumed ends with the same weights, and logs the same
+rows, as one that never stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 
-from lmcore import checkpoint as ckpt_io
-from lmcore.config import Config, save_config
-from lmcore.data.batching import PackedBatches, PaddedBatches
-from lmcore.data.cache import fit_tokenizer, load_split, strided
-from lmcore.data.tokenizer import WordTokenizer
-from lmcore.errors import CheckpointError, LmcoreError
+from lmcore import fileio
+from lmcore.checkpoint import Checkpoint, CheckpointWriter, find_latest, list_checkpoints
+from lmcore.config import Config
+from lmcore.data.batching import training_batches
+from lmcore.data.cache import Corpus, load_corpus
+from lmcore.errors import CheckpointError, LmcoreError, first_line
 from lmcore.evaluate import evaluate
 from lmcore.model import LSTMLM, adaptive_cutoffs, detach_state
+from lmcore.optim import lr_at, make_adam
+from lmcore.rundir import RunDir
 from lmcore.runtime.accelerator import all_sum, any_rank, make_accelerator
 from lmcore.runtime.lock import RunLock
 from lmcore.track.metrics import MetricsLog
 from lmcore.track.progress import Progress
-from lmcore.track.tracker import open_tracker
+from lmcore.track.wandb_init import open_tracker
+
+
+@dataclass
+class TrainState:
+    """Where training stands: trainer_state.json in every checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    index: int = 0  # the next batch of the epoch
+    tokens_seen: int = 0  # real targets so far, all ranks
+    train_seconds: float = 0.0  # optimizer steps only: validation and checkpoints excluded
+    world_size: int = 1
+    skipped_steps: int = 0  # non-finite steps skipped (train.nonfinite=skip)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in dataclasses.fields(self):
+            if f.name in state:
+                setattr(self, f.name, type(getattr(self, f.name))(state[f.name]))
+            elif f.name != "skipped_steps":  # the one key older checkpoints lack
+                raise CheckpointError(f"trainer_state.json has no {f.name!r}")
+
+
+@dataclass
+class RankState:
+    """What differs between ranks: rank_NNNNN.safetensors in every checkpoint."""
+
+    lstm: tuple[torch.Tensor, torch.Tensor] | None = None  # packed: carried across windows
+    window: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss, targets, seconds
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {"torch_rng": torch.get_rng_state(), "window": torch.tensor(self.window, dtype=torch.float64)}
+        if self.lstm is not None:
+            out.update(h=self.lstm[0], c=self.lstm[1])
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
+        torch.set_rng_state(state["torch_rng"])
+        self.lstm = (state["h"].to(device), state["c"].to(device)) if "h" in state else None
+        if "window" in state:  # older checkpoints: the next row starts a fresh window
+            self.window = state["window"].tolist()
+
+
+@dataclass
+class StepOutput:
+    loss_sum: float  # this rank's summed NLL
+    targets: int  # this rank's real targets
+    grad_norm: float
+    lr: float
 
 
 @dataclass
@@ -45,278 +104,276 @@ class TrainResult:
     rank: int = 0
     world_size: int = 1
 
-
-def lr_at(step: int, cfg: Config, total_steps: int) -> float:
-    o = cfg.optim
-    if o.warmup_steps and step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    if o.schedule == "constant":
-        return o.lr
-    horizon = o.decay_steps or total_steps
-    progress = min(1.0, (step - o.warmup_steps) / max(1, horizon - o.warmup_steps))
-    floor = o.lr * o.min_lr_ratio
-    return floor + (o.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def make_batches(cfg: Config, split, tok: WordTokenizer, rank: int, world: int):
-    special = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
-    try:
-        if cfg.data.batching == "packed":
-            return PackedBatches(split, cfg.train.batch_size, cfg.data.seq_len, cfg.data.truncate,
-                                 special, cfg.run.seed, rank, world)
-        return PaddedBatches(split, cfg.train.batch_size, cfg.data.truncate, special, cfg.run.seed,
-                             rank, world)
-    except ValueError as e:
-        raise LmcoreError(f"training data too small: {e}; use more data or a smaller batch") from None
-
-
-def make_adam(params: list[torch.nn.Parameter], cfg: Config, device_type: str) -> torch.optim.Adam:
-    """Adam, fused where this torch has it (CUDA; CPU from torch 2.4): one kernel for the
-    whole update, 0.10 -> 0.02 s a step at the notebook's size on 2 CPU cores, same rule."""
-    kw = dict(lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
-    if device_type in ("cpu", "cuda"):
-        try:
-            return torch.optim.Adam(params, fused=True, **kw)
-        except RuntimeError:  # an older torch without the fused CPU kernel
-            pass
-    return torch.optim.Adam(params, **kw)
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+                "val_ppl": self.val_ppl, "stopped_early": self.stopped_early, "rank": self.rank,
+                "world_size": self.world_size, "run_dir": str(self.run_dir)}
 
 
 def train(cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
           progress: bool = True) -> TrainResult:
+    """Train (or resume) the run in cfg.run.dir. Everything that can be checked is checked
+    before the run folder is claimed (its lock taken), so bad input writes nothing."""
     acc = make_accelerator(cfg)
-    main = acc.is_main_process
-    run_dir = Path(cfg.run.dir)
-
-    # Vocabulary and token ids: rank 0 builds the caches, the others then read them.
-    with acc.main_process_first():
-        tok = fit_tokenizer(cfg.data)  # cached: cheap, and it tells if the data changed
-        train_split = load_split(cfg.data, cfg.data.train_split, tok)
-        val_split = None
-        if cfg.data.val_split:
-            full_val = load_split(cfg.data, cfg.data.val_split, tok)
-            val_split = strided(full_val, cfg.data.val_stride, cfg.data.val_limit)
+    with acc.main_process_first():  # rank 0 builds the token caches, the others then read them
+        corpus = load_corpus(cfg.data)
     if cfg.model.softmax == "adaptive":
-        adaptive_cutoffs(cfg.model, len(tok))  # an impossible architecture fails before any write
-    # One job per run folder (taken after the data checks, so bad input writes nothing).
-    lock = RunLock(run_dir).acquire() if main else None
+        adaptive_cutoffs(cfg.model, len(corpus.tokenizer))
+    trainer = Trainer(cfg, acc, corpus)
+    lock = RunLock(cfg.run.dir).acquire() if acc.is_main_process else None
     try:
-        return _train(cfg, acc, run_dir, tok, train_split, val_split, stop_requested, progress)
+        trainer.resume_or_start()
+        return trainer.fit(stop_requested, progress)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: Config, acc, run_dir: Path, tok: WordTokenizer, train_split, val_split,
-           stop_requested: Callable[[], bool], progress: bool) -> TrainResult:
-    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
-    if cfg.train.resume == "never" and ckpt_io.list_checkpoints(ckpt_io.checkpoints_dir(run_dir)):
-        raise LmcoreError(f"run.dir {run_dir} already holds checkpoints and train.resume=never: "
-                          "use a new run.dir")
-    resume_from = ckpt_io.latest_valid(run_dir) if cfg.train.resume == "auto" else None
-    existing = ckpt_io.list_checkpoints(ckpt_io.checkpoints_dir(run_dir))
-    if cfg.train.resume == "auto" and existing and resume_from is None:
-        # Starting from step 0 here would silently throw the run's progress away.
-        problems: list[str] = []
-        ckpt_io.latest_valid(run_dir, problems)
-        raise CheckpointError(
-            f"run.dir {run_dir} holds {len(existing)} checkpoint(s) and none can be read (newest: "
-            f"{problems[0]}); nothing was changed: restore a checkpoint from a backup, or start over "
-            "in a new run.dir")
-    if resume_from is not None:
-        saved = WordTokenizer.load(resume_from / "tokenizer.json")
-        if saved.fingerprint != tok.fingerprint:
-            raise CheckpointError(
-                f"checkpoint {resume_from} was trained with another vocabulary than data.source "
-                f"{cfg.data.source} gives (tokenizer {saved.fingerprint} vs {tok.fingerprint}); "
-                "point data.source at the run's data, or use a new run.dir"
-            )
-    batches = make_batches(cfg, train_split, tok, rank, world)
-    packed = cfg.data.batching == "packed"
-    steps_per_epoch = math.ceil(batches.steps_per_epoch / cfg.train.grad_accum)
-    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+class Trainer:
+    """One rank's training job: model, optimizer, batches, state, and what each step does."""
 
-    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
-    model = LSTMLM(len(tok), cfg.model, tok.pad_id, cfg.train.loss_chunk)
-    optimizer = make_adam(list(model.parameters()), cfg, acc.device.type)
-    step, epoch, index, tokens_seen, train_seconds, skipped = 0, 0, 0, 0, 0.0, 0
-    state = None
-    torch.manual_seed(cfg.run.seed * 1000 + rank)  # dropout stream per rank
-    if resume_from is not None:
-        manifest = ckpt_io.verify(resume_from)
-        ckpt_io.check_compatible(manifest, model.architecture(), tok.fingerprint, resume_from)
-        ckpt_io.load_weights(model, resume_from)
-        optimizer.load_state_dict(ckpt_io.load_optimizer_state(resume_from))
-        ts = ckpt_io.load_trainer_state(resume_from)
-        step, epoch, index = ts["step"], ts["epoch"], ts["index"]
-        skipped = ts.get("skipped_steps", 0)
-        tokens_seen, train_seconds = ts["tokens_seen"], ts["train_seconds"]
-        rank_state = ckpt_io.load_rank_state(resume_from, rank) if ts["world_size"] == world else None
+    def __init__(self, cfg: Config, acc, corpus: Corpus):
+        self.cfg, self.acc, self.corpus = cfg, acc, corpus
+        self.run = RunDir(cfg.run.dir)
+        self.rank, self.world, self.main = acc.process_index, acc.num_processes, acc.is_main_process
+        tok = corpus.tokenizer
+        self.batches = training_batches(cfg.data, corpus.train, tok, cfg.train.batch_size, cfg.run.seed,
+                                        self.rank, self.world)
+        self.packed = cfg.data.batching == "packed"
+        steps_per_epoch = math.ceil(self.batches.steps_per_epoch / cfg.train.grad_accum)
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+        self.model = LSTMLM(len(tok), cfg.model, tok.pad_id, cfg.train.loss_chunk)
+        self.optimizer = make_adam(list(self.model.parameters()), cfg.optim, acc.device.type)
+        torch.manual_seed(cfg.run.seed * 1000 + self.rank)  # dropout's stream, one per rank
+        self.state = TrainState(world_size=self.world)
+        self.rank_state = RankState()
+        self.resumed_from: Path | None = None
+
+    # -- setup ----------------------------------------------------------------------------------
+    def resume_or_start(self) -> None:
+        """Load run.dir's latest checkpoint (train.resume=auto), then claim the run folder."""
+        cfg, run = self.cfg, self.run
+        latest = find_latest(run)
+        if cfg.train.resume == "never" and latest.count:
+            raise LmcoreError(f"run.dir {run.path} already holds checkpoints and train.resume=never: "
+                              "use a new run.dir")
+        if latest.count and latest.checkpoint is None:  # starting over would discard the run
+            raise CheckpointError(
+                f"run.dir {run.path} holds {latest.count} checkpoint(s) and none can be read (newest: "
+                f"{latest.problems[0]}); nothing was changed: restore a checkpoint from a backup, or start "
+                "over in a new run.dir")
+        if latest.checkpoint is not None:
+            for problem in latest.problems:
+                warnings.warn(f"skipping damaged checkpoint: {problem}", stacklevel=2)
+            self.restore(latest.checkpoint)
+        self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
+        self.raw_model: LSTMLM = self.acc.unwrap_model(self.model)
+        self.tracker = open_tracker(cfg, run.path, job="train", enabled=self.main)
+        self.metrics = MetricsLog(run.metrics, enabled=self.main, resume_step=self.state.step,
+                                  tracker=self.tracker)
+        if self.main:
+            fileio.atomic_write_text(run.config, cfg.to_yaml())
+            self.corpus.tokenizer.save(run.tokenizer)
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        tok = self.corpus.tokenizer
+        if ckpt.manifest["tokenizer_fingerprint"] != tok.fingerprint:
+            raise CheckpointError(
+                f"checkpoint {ckpt.path} was trained with another vocabulary than data.source "
+                f"{self.cfg.data.source} gives (tokenizer {ckpt.manifest['tokenizer_fingerprint']} vs "
+                f"{tok.fingerprint}); point data.source at the run's data, or use a new run.dir")
+        ckpt.check_compatible(self.model.architecture(), tok.fingerprint)
+        ckpt.load_weights(self.model)
+        self.optimizer.load_state_dict(ckpt.optimizer_state())
+        saved_world = self.state.world_size
+        self.state.load_state_dict(ckpt.trainer_state())
+        rank_state = ckpt.rank_state(self.rank) if self.state.world_size == self.world else None
         if rank_state is not None:
-            torch.set_rng_state(rank_state["torch_rng"])
-            if packed and "h" in rank_state:
-                state = (rank_state["h"], rank_state["c"])
-    model, optimizer = acc.prepare(model, optimizer)
-    raw_model: LSTMLM = acc.unwrap_model(model)
-    if state is not None:
-        state = (state[0].to(acc.device), state[1].to(acc.device))
+            self.rank_state.load_state_dict(rank_state, self.acc.device)
+        self.state.world_size = saved_world
+        self.resumed_from = ckpt.path
 
-    tracker = open_tracker(cfg, run_dir, job="train", enabled=main)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=main, resume_step=step, tracker=tracker)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        tok.save(run_dir / "tokenizer.json")
-    bar = Progress(total_steps, initial=step, enabled=main and progress)
-    if resume_from is not None:
-        bar.write(f"resumed from {resume_from} at step {step}")
-    bar.write(f"vocab {len(tok)}, {len(train_split)} reviews, {batches.steps_per_epoch} batches/epoch, "
-              f"{total_steps} steps, world size {world}, device {acc.device}, "
-              f"precision {cfg.train.mixed_precision}")
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self, stop_requested: Callable[[], bool], progress: bool) -> TrainResult:
+        s, t, total = self.state, self.cfg.train, self.total_steps
+        self.bar = Progress(total, initial=s.step, enabled=self.main and progress)
+        self._announce()
+        # A finished run started again (a requeue after the end, say) has nothing to do.
+        already_done = s.step >= total
+        last_saved = s.step if self.resumed_from is not None else -1
+        val_ppl, stopped = None, False
+        self.model.train()
+        while s.step < total:
+            out = self.train_step()
+            self.log(out)
+            # validation and checkpoints at their intervals (the last step's come after the loop)
+            if t.eval_interval and s.step % t.eval_interval == 0 and s.step < total:
+                val_ppl = self.validate()
+            if s.step % t.checkpoint_interval == 0 and s.step < total:
+                self.save()
+                last_saved = s.step
+            # a stop request on any rank: all stop at this step
+            if any_rank(self.acc, stop_requested()):
+                stopped = s.step < total
+                break
+        self.bar.close()
+        path = self.save() if last_saved != s.step else None
+        if not stopped and not already_done:
+            val_ppl = self.validate()
+        elif already_done:
+            self.bar.write(f"nothing to do: {self.resumed_from} is already at step {s.step} of {total}")
+        if self.main:
+            path = path or self.run.step_dir(s.step)
+        self.acc.wait_for_everyone()
+        self.tracker.finish()
+        self.acc.end_training()
+        return TrainResult(self.run.path, s.step, path, stopped, val_ppl, self.raw_model, self.rank,
+                           self.world)
 
-    def save_checkpoint() -> Path | None:
-        # A finite but huge gradient can still push weights to inf/nan; saving them would make
-        # every later resume start from a broken model. Ranks hold the same weights: all agree.
-        broken = [n for n, p in raw_model.named_parameters() if not bool(torch.isfinite(p).all())]
-        if broken:
-            previous = ckpt_io.list_checkpoints(ckpt_io.checkpoints_dir(run_dir))
-            kept = f"the last checkpoint {previous[-1]} is intact" if previous else "nothing was saved"
-            raise LmcoreError(
-                f"the weights are non-finite at step {step} ({', '.join(broken[:3])}"
-                f"{', ...' if len(broken) > 3 else ''}), so they were not saved; {kept}: lower optim.lr "
-                "or set optim.grad_clip, then resume")
-        writer = ckpt_io.CheckpointWriter(run_dir, step)
-        try:
-            return _write_checkpoint(writer)
-        except (OSError, SafetensorError) as e:  # a full disk, a quota, a vanished mount
-            if main:
-                writer.abort()
-            previous = ckpt_io.list_checkpoints(ckpt_io.checkpoints_dir(run_dir))
-            kept = (f"the previous checkpoint {previous[-1]} is intact" if previous
-                    else "there is no earlier checkpoint")
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-            raise CheckpointError(
-                f"could not write checkpoint {writer.final} ({reason}); {kept}; free space (or fix the "
-                "folder) and run the same command again to resume"
-            ) from None
-
-    def _write_checkpoint(writer: ckpt_io.CheckpointWriter) -> Path | None:
-        if main:
-            writer.begin()
-        acc.wait_for_everyone()
-        rank_tensors = {"torch_rng": torch.get_rng_state()}
-        if packed and state is not None:
-            rank_tensors.update(h=state[0], c=state[1])
-        writer.write_rank(rank, rank_tensors)
-        if main:
-            trainer_state = {"step": step, "epoch": epoch, "index": index, "tokens_seen": tokens_seen,
-                             "train_seconds": train_seconds, "world_size": world,
-                             "skipped_steps": skipped}
-            writer.write_main(raw_model, optimizer.state_dict(), trainer_state, tok.to_json(), cfg.to_yaml())
-        acc.wait_for_everyone()
-        path = None
-        if main:
-            path = writer.finish(raw_model.architecture(), tok.fingerprint, step, cfg.train.keep_checkpoints)
-            metrics.log(step, {"event": "checkpoint", "path": str(path)})
-            bar.write(f"checkpoint {path}")
-        acc.wait_for_everyone()
-        return path
-
-    def validate() -> float | None:
-        if val_split is None:
-            return None
-        res = evaluate(raw_model, val_split, tok, cfg.eval.batch_size, cfg.data.truncate, acc,
-                       autocast=acc.autocast)
-        # with the training clock, so that quality can be read against training time
-        metrics.log(step, {"val/ppl": res.masked_ppl, "val/loss": res.masked_loss,
-                           "val/targets": res.num_targets, "train_seconds": train_seconds,
-                           "tokens_seen": tokens_seen})
-        bar.write(f"step {step}: validation masked perplexity {res.masked_ppl:.2f} "
-                  f"({res.num_targets} targets)")
-        return res.masked_ppl
-
-    model.train()
-    # A finished run that is started again (a requeue after the end, say) has nothing to do.
-    last_saved, val_ppl, stopped = (step if resume_from is not None else -1), None, False
-    already_done = step >= total_steps
-    window_loss, window_targets, window_seconds = 0.0, 0, 0.0  # since the last log line
-    while step < total_steps:
-        t_step = time.perf_counter()
-        # The micro-batches of one optimizer step, and their real-target count on all ranks.
-        micro = []
-        for _ in range(cfg.train.grad_accum):
-            if index >= batches.steps_per_epoch:
-                epoch, index = epoch + 1, 0
-            micro.append(batches.get(epoch, index))
-            index += 1
+    def train_step(self) -> StepOutput:
+        """One optimizer step: its micro-batches forward and backward, then the update."""
+        acc, s, t0 = self.acc, self.state, time.perf_counter()
+        micro = [self._next_batch() for _ in range(self.cfg.train.grad_accum)]
         local_targets = sum(b.num_targets for b in micro)
-        global_targets = all_sum(acc, [local_targets])[0]
+        global_targets = all_sum(acc, [local_targets])[0]  # the loss is a mean over all ranks' targets
         loss_sum = 0.0
         for i, batch in enumerate(micro):
-            if not batch.carries_state:
-                state = None
-            sync = acc.no_sync(model) if i < len(micro) - 1 else nullcontext()
+            state = self.rank_state.lstm if batch.carries_state else None
+            sync = acc.no_sync(self.model) if i < len(micro) - 1 else nullcontext()
             with sync, acc.autocast():
-                out = model(batch.inputs.to(acc.device), state, batch.targets.to(acc.device))
-                loss = out.loss_sum * (world / global_targets)
+                out = self.model(batch.inputs.to(acc.device), state, batch.targets.to(acc.device))
+                loss = out.loss_sum * (self.world / global_targets)
             acc.backward(loss)
             loss_sum += out.loss_sum.item()
-            state = detach_state(out.state) if packed else None
-        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-        lr = lr_at(step, cfg, total_steps)
+            self.rank_state.lstm = detach_state(out.state) if self.packed else None
+        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or math.inf))
+        lr = lr_at(s.step, self.cfg.optim, self.total_steps)
+        self._update(grad_norm, lr, loss_sum)
+        s.step += 1
+        s.tokens_seen += int(global_targets)
+        seconds = time.perf_counter() - t0
+        s.train_seconds += seconds
+        w = self.rank_state.window
+        w[0], w[1], w[2] = w[0] + loss_sum, w[1] + local_targets, w[2] + seconds
+        return StepOutput(loss_sum, local_targets, grad_norm, lr)
+
+    def _next_batch(self):
+        s = self.state
+        if s.index >= self.batches.steps_per_epoch:
+            s.epoch, s.index = s.epoch + 1, 0
+        batch = self.batches.get(s.epoch, s.index)
+        s.index += 1
+        return batch
+
+    def _update(self, grad_norm: float, lr: float, loss_sum: float) -> None:
         # The gradients are averaged over ranks, so every rank sees the same norm: a NaN or inf
         # loss anywhere makes it non-finite everywhere, and all ranks decide alike.
-        if math.isfinite(float(grad_norm)):
-            for group in optimizer.param_groups:
+        s = self.state
+        if math.isfinite(grad_norm):
+            for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            optimizer.step()
-        elif cfg.train.nonfinite == "error":
+            self.optimizer.step()
+        elif self.cfg.train.nonfinite == "error":
             raise LmcoreError(
-                f"non-finite loss or gradient at step {step + 1} (loss sum {loss_sum}, grad norm "
-                f"{float(grad_norm)}); the last checkpoint is intact: lower optim.lr, set optim.grad_clip, "
-                "or set train.nonfinite=skip to skip such steps"
-            )
+                f"non-finite loss or gradient at step {s.step + 1} (loss sum {loss_sum}, grad norm "
+                f"{grad_norm}); the last checkpoint is intact: lower optim.lr, set optim.grad_clip, or set "
+                "train.nonfinite=skip to skip such steps")
         else:
-            skipped += 1
-            metrics.log(step + 1, {"event": "nonfinite_skipped", "skipped_steps": skipped})
-            bar.write(f"step {step + 1}: non-finite loss or gradient, update skipped ({skipped} so far)")
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += int(global_targets)
-        step_seconds = time.perf_counter() - t_step  # validation and checkpoints excluded
-        train_seconds += step_seconds
-        window_seconds += step_seconds
-        window_loss += loss_sum
-        window_targets += local_targets
+            s.skipped_steps += 1
+            self.metrics.log(s.step + 1, {"event": "nonfinite_skipped", "skipped_steps": s.skipped_steps})
+            self.bar.write(f"step {s.step + 1}: non-finite loss or gradient, update skipped "
+                           f"({s.skipped_steps} so far)")
+        self.optimizer.zero_grad(set_to_none=True)
 
-        log_now = step % cfg.train.log_interval == 0 or step == total_steps
+    # -- logging, validation, checkpoints -----------------------------------------------------
+    def _announce(self) -> None:
+        s, tok = self.state, self.corpus.tokenizer
+        if self.resumed_from is not None:
+            self.bar.write(f"resumed from {self.resumed_from} at step {s.step}")
+        self.bar.write(f"vocab {len(tok)}, {len(self.corpus.train)} reviews, {self.batches.steps_per_epoch} "
+                       f"batches/epoch, {self.total_steps} steps, world size {self.world}, device "
+                       f"{self.acc.device}, precision {self.cfg.train.mixed_precision}")
+
+    def log(self, out: StepOutput) -> None:
+        """A metrics row every train.log_interval steps (and at the end), averaged over its window."""
+        s = self.state
+        log_now = s.step % self.cfg.train.log_interval == 0 or s.step == self.total_steps
+        shown: dict[str, float] = {}
         if log_now:
-            total_loss, total_targets = all_sum(acc, [window_loss, window_targets])
+            w = self.rank_state.window
+            total_loss, total_targets = all_sum(self.acc, w[:2])
             mean = total_loss / max(total_targets, 1)
-            row = {"train/loss": mean, "train/ppl": math.exp(min(mean, 50.0)), "lr": lr,
-                   "grad_norm": float(grad_norm), "tokens_per_s": total_targets / window_seconds,
-                   "epoch": epoch, "tokens_seen": tokens_seen, "train_seconds": train_seconds}
-            metrics.log(step, row)
+            row = {"train/loss": mean, "train/ppl": math.exp(min(mean, 50.0)), "lr": out.lr,
+                   "grad_norm": out.grad_norm, "tokens_per_s": total_targets / w[2], "epoch": s.epoch,
+                   "tokens_seen": s.tokens_seen, "train_seconds": s.train_seconds}
+            self.metrics.log(s.step, row)
             shown = {"loss": mean, "ppl": row["train/ppl"], "tok/s": row["tokens_per_s"]}
-            window_loss, window_targets, window_seconds = 0.0, 0, 0.0  # since the last log line
-        bar.update(1, shown if log_now else {}, log_line=log_now)
-        if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < total_steps:
-            val_ppl = validate()
-        if step % cfg.train.checkpoint_interval == 0 and step < total_steps:
-            save_checkpoint()
-            last_saved = step
-        if any_rank(acc, stop_requested()):
-            stopped = step < total_steps
-            break
-    bar.close()
-    path = save_checkpoint() if last_saved != step else None
-    if not stopped and not already_done:
-        val_ppl = validate()
-    elif already_done:
-        bar.write(f"nothing to do: {resume_from} is already at step {step} of {total_steps}")
-    if main:
-        path = path or ckpt_io.checkpoints_dir(run_dir) / ckpt_io.step_dir_name(step)
-    acc.wait_for_everyone()
-    tracker.finish()
-    acc.end_training()
-    return TrainResult(run_dir, step, path, stopped, val_ppl, raw_model, rank, world)
+            self.rank_state.window = [0.0, 0.0, 0.0]
+        self.bar.update(1, shown, log_line=log_now)
+
+    def validate(self) -> float | None:
+        val = self.corpus.val
+        if val is None:
+            return None
+        res = evaluate(self.raw_model, val, self.corpus.tokenizer, self.cfg.eval.batch_size,
+                       self.cfg.data.truncate, self.acc, autocast=self.acc.autocast)
+        s = self.state  # with the training clock, so that quality can be read against training time
+        self.metrics.log(s.step, {"val/ppl": res.masked_ppl, "val/loss": res.masked_loss,
+                                  "val/targets": res.num_targets, "train_seconds": s.train_seconds,
+                                  "tokens_seen": s.tokens_seen})
+        self.bar.write(f"step {s.step}: validation masked perplexity {res.masked_ppl:.2f} "
+                       f"({res.num_targets} targets)")
+        return res.masked_ppl
+
+    def save(self) -> Path | None:
+        """A checkpoint of every rank at this step; a failure on any rank stops all of them, with the
+        previous checkpoint intact."""
+        s = self.state
+        # A finite but huge gradient can still push weights to inf/nan; saving them would make
+        # every later resume start from a broken model. Ranks hold the same weights: all agree.
+        broken = [n for n, p in self.raw_model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if broken:
+            raise LmcoreError(
+                f"the weights are non-finite at step {s.step} ({', '.join(broken[:3])}"
+                f"{', ...' if len(broken) > 3 else ''}), so they were not saved; {self._kept()}: lower "
+                "optim.lr or set optim.grad_clip, then resume")
+        writer = CheckpointWriter(self.run, s.step)
+        arch, fingerprint, keep = (self.raw_model.architecture(), self.corpus.tokenizer.fingerprint,
+                                   self.cfg.train.keep_checkpoints)
+        parts = [(self.main, writer.begin), (True, lambda: self._write_files(writer)),
+                 (self.main, lambda: writer.finish(arch, fingerprint, s.step, keep))]
+        for mine, part in parts:  # each part done, on every rank, before the next one starts
+            error = _attempt(part) if mine else None
+            if any_rank(self.acc, error is not None):
+                if self.main:
+                    writer.abort()
+                reason = first_line(error) if error is not None else "failed on another rank"
+                raise CheckpointError(f"could not write checkpoint {writer.final} ({reason}); "
+                                      f"{self._kept('previous')}; free space (or fix the folder) and run the "
+                                      "same command again to resume") from None
+        if self.main:
+            self.metrics.log(s.step, {"event": "checkpoint", "path": str(writer.final)})
+            self.bar.write(f"checkpoint {writer.final}")
+        return writer.final if self.main else None
+
+    def _write_files(self, writer: CheckpointWriter) -> None:
+        writer.write_rank(self.rank, self.rank_state.state_dict())
+        if self.main:
+            writer.write_main(self.raw_model, self.optimizer.state_dict(), self.state.state_dict(),
+                              self.corpus.tokenizer.to_json(), self.cfg.to_yaml())
+
+    def _kept(self, which: str = "last") -> str:
+        previous = list_checkpoints(self.run.checkpoints)
+        if not previous:
+            return "no earlier checkpoint exists"
+        return f"the {which} checkpoint {previous[-1]} is intact"
+
+
+def _attempt(part: Callable[[], Any]) -> BaseException | None:
+    """Run one part of a checkpoint write; the error of a full disk or a vanished mount, or None."""
+    try:
+        part()
+    except (OSError, SafetensorError) as e:
+        return e
+    return None

@@ -139,7 +139,8 @@ def checkpoint_steps(run: Path, debris: list[str] | None = None) -> list[int]:
     With a `debris` list, step folders OLDER than the newest good checkpoint that are incomplete
     (what a kill in the middle of pruning leaves) are appended to it instead of failing at once,
     so that a test can go on to check the rest and report them at the end."""
-    from lmcore import checkpoint as ckpt_io
+    from lmcore.checkpoint import Checkpoint, find_latest
+    from lmcore.rundir import RunDir, step_dir_name
 
     root = run / "checkpoints"
     if not root.is_dir():
@@ -150,7 +151,7 @@ def checkpoint_steps(run: Path, debris: list[str] | None = None) -> list[int]:
             continue  # not a published checkpoint (e.g. an unfinished write of a killed job): never listed
         assert p.is_dir(), f"{p} is not a folder"
         try:
-            ckpt_io.verify(p)
+            Checkpoint.open(p)
             steps.append(int(p.name[5:]))
         except Exception as e:  # noqa: BLE001 - the message is the finding
             broken.append((int(p.name[5:]), f"step folder {p.name} is incomplete ({e}); it holds "
@@ -166,7 +167,7 @@ def checkpoint_steps(run: Path, debris: list[str] | None = None) -> list[int]:
 
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a warning here would mean a damaged checkpoint is listed
-            assert ckpt_io.latest_valid(run) == root / ckpt_io.step_dir_name(steps[-1])
+            assert find_latest(RunDir(run)).checkpoint.path == root / step_dir_name(steps[-1])
     return steps
 
 
@@ -301,7 +302,7 @@ def prompts_file(path: Path, n: int) -> Path:
 
 def check_chunks(out: Path, chunk_size: int, records: int, samples: int) -> set[int]:
     """Every chunk file present is complete and holds exactly its own rows, in order."""
-    from lmcore.gen.job import CHUNKS_DIR, done_chunks
+    from lmcore.gen.folder import CHUNKS_DIR, done_chunks
 
     done = done_chunks(out)
     for c in done:

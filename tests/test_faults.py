@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 
 from lmcore import checkpoint as ckpt_io
+from lmcore.checkpoint import Checkpoint, find_latest
+from lmcore.rundir import RunDir, step_dir_name
 from tests.conftest import REPO, tiny_overrides
 from tests.fault_helpers import (
     LMCORE,
@@ -156,7 +158,7 @@ def test_training_killed_five_times_stopped_once_and_damaged_still_ends_bit_iden
 
     # And the newest checkpoint gets damaged (a truncated file): the last run warns in one line,
     # resumes from the one before, and still ends bit-identical.
-    damaged = run / "checkpoints" / ckpt_io.step_dir_name(summary["step"])
+    damaged = run / "checkpoints" / step_dir_name(summary["step"])
     _truncate(damaged / "model.safetensors")
     final = start(train_args(run, ref), tmp_path / "final")
     assert final.wait() == 0, final.stderr()[-3000:]
@@ -237,7 +239,9 @@ def generate_in_process(overrides: list[str]) -> Path:
     import torch
 
     from lmcore.config import load_config
-    from lmcore.gen.job import MERGED_FILE, generate_shard, merge_outputs
+    from lmcore.gen.folder import MERGED_FILE
+    from lmcore.gen.job import generate_shard
+    from lmcore.gen.merge import merge_outputs
 
     threads = torch.get_num_threads()
     try:
@@ -261,7 +265,7 @@ def gen_ref(ref, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_generation_killed_three_times_merges_to_the_uninterrupted_output(ref, gen_ref, tmp_path):
-    from lmcore.gen.job import MERGED_FILE, done_chunks
+    from lmcore.gen.folder import MERGED_FILE, done_chunks
 
     seed = fault_seed("generation kills")
     rng = random.Random(seed)
@@ -393,17 +397,18 @@ DAMAGE = {
 @pytest.mark.parametrize("kind", DAMAGE, ids=list(DAMAGE))
 def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_for_the_previous_one(ref, tmp_path, kind):
     run = copy_run(ref / "run", tmp_path / "run")
-    newest, previous = (run / "checkpoints" / ckpt_io.step_dir_name(s) for s in (TRAIN_STEPS, TRAIN_STEPS - 2)
-                        )
+    newest, previous = (run / "checkpoints" / step_dir_name(s) for s in (TRAIN_STEPS, TRAIN_STEPS - 2))
     DAMAGE[kind](newest)
     with pytest.raises(ckpt_io.CheckpointError):
-        ckpt_io.verify(newest)
+        Checkpoint.open(newest)
+    latest = find_latest(RunDir(run))  # what a resume picks, and why
+    assert latest.checkpoint.path == previous and latest.count == 2
+    assert len(latest.problems) == 1 and newest.name in latest.problems[0]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert ckpt_io.latest_valid(run) == previous
-        assert ckpt_io.resolve(run) == previous  # what eval and generate pick
+        assert ckpt_io.resolve(run).path == previous  # what eval and generate pick
     messages = [str(w.message) for w in caught]
-    assert len(messages) == 2 and all("skipping damaged checkpoint" in m and newest.name in m
+    assert len(messages) == 1 and all("skipping damaged checkpoint" in m and newest.name in m
                                       and "\n" not in m for m in messages), messages
 
 
@@ -414,7 +419,7 @@ def test_a_damaged_newer_checkpoint_never_gets_the_new_checkpoints_pruned(ref, t
     from lmcore.trainer import train
 
     run = copy_run(ref / "run", tmp_path / "run")
-    _flip(run / "checkpoints" / ckpt_io.step_dir_name(TRAIN_STEPS) / "model.safetensors")
+    _flip(run / "checkpoints" / step_dir_name(TRAIN_STEPS) / "model.safetensors")
     cfg = load_config(None, train_overrides(run, ref / "cache", **{"train.max_steps": TRAIN_STEPS - 1,
                                                                      "train.keep_checkpoints": 1}))
     with pytest.warns(UserWarning, match="skipping damaged checkpoint"):
@@ -423,10 +428,8 @@ def test_a_damaged_newer_checkpoint_never_gets_the_new_checkpoints_pruned(ref, t
     left = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert result.checkpoint.is_dir(), (
         f"the run reports {result.checkpoint.name} but pruning deleted it; left: {left}")
-    ckpt_io.verify(result.checkpoint)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert ckpt_io.latest_valid(run) == result.checkpoint
+    Checkpoint.open(result.checkpoint)
+    assert find_latest(RunDir(run)).checkpoint.path == result.checkpoint
 
 
 def test_a_prune_killed_midway_leaves_no_step_folder_behind_for_good(ref, tmp_path, monkeypatch):
@@ -461,7 +464,7 @@ def test_a_prune_killed_midway_leaves_no_step_folder_behind_for_good(ref, tmp_pa
     overrides = train_overrides(run, ref / "cache", **{"train.max_steps": TRAIN_STEPS + 6})
     assert train(load_config(None, overrides), progress=False).step == TRAIN_STEPS + 6
     left = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert left == [ckpt_io.step_dir_name(TRAIN_STEPS + s) for s in (4, 6)], f"left in checkpoints/: {left}"
+    assert left == [step_dir_name(TRAIN_STEPS + s) for s in (4, 6)], f"left in checkpoints/: {left}"
 
 
 def _cache_entry(cache: Path, kind: str) -> Path:
@@ -524,13 +527,13 @@ def _cli_in_process(argv: list[str], capsys) -> tuple[int | str, str, str]:
 def _fail_midway(real_write, fail_when):
     """An atomic writer that, for the files fail_when(path) picks, gets half the bytes onto the
     disk and then hits ENOSPC, as a full disk does."""
+    from lmcore.fileio import atomic_write
+
     def write(path, data):
         if fail_when(Path(path)):
-            def half(tmp):
-                with open(tmp, "wb") as f:
-                    f.write(data[: len(data) // 2])
+            def half(f):
+                f.write(data[: len(data) // 2])
                 raise OSError(errno.ENOSPC, "No space left on device")
-            from lmcore.fileio import atomic_write
 
             return atomic_write(path, half)
         return real_write(path, data)
@@ -539,7 +542,7 @@ def _fail_midway(real_write, fail_when):
 
 def test_a_chunk_write_that_fails_midway_keeps_the_finished_chunks_and_says_so(ref, tmp_path, monkeypatch,
                                                                                capsys):
-    import lmcore.gen.job as genjob
+    import lmcore.fileio as fileio
 
     prompts = prompts_file(tmp_path / "p.jsonl", 36)
     reference = generate_in_process(gen_overrides(ref / "run", tmp_path / "straight", prompts))
@@ -552,7 +555,7 @@ def test_a_chunk_write_that_fails_midway_keeps_the_finished_chunks_and_says_so(r
             written.append(path.name)
         return len(written) == 4 and path.name == written[-1]
 
-    monkeypatch.setattr(genjob, "atomic_write_bytes", _fail_midway(genjob.atomic_write_bytes, fourth_chunk))
+    monkeypatch.setattr(fileio, "atomic_write_bytes", _fail_midway(fileio.atomic_write_bytes, fourth_chunk))
     before = {p.name: p.read_bytes() for p in (tmp_path / "straight" / "chunks").iterdir()}
     code, stdout, stderr = _cli_in_process(argv, capsys)
     finished = sorted(p.name for p in (out / "chunks").iterdir())
@@ -570,7 +573,6 @@ def test_a_chunk_write_that_fails_midway_keeps_the_finished_chunks_and_says_so(r
 
 def test_a_merge_that_fails_midway_keeps_the_chunks_and_says_so(ref, tmp_path, monkeypatch, capsys):
     import lmcore.fileio as fileio
-    import lmcore.gen.job as genjob
 
     prompts = prompts_file(tmp_path / "p.jsonl", 20)
     overrides = gen_overrides(ref / "run", tmp_path / "out", prompts)
@@ -579,19 +581,19 @@ def test_a_merge_that_fails_midway_keeps_the_chunks_and_says_so(ref, tmp_path, m
     reference.unlink()
     (tmp_path / "out" / "manifest.json").unlink()
     chunks = tree(tmp_path / "out" / "chunks")
-    real = genjob.atomic_write
+    real = fileio.atomic_write
 
     def atomic_write(path, write):
         if Path(path).name == "generations.jsonl":
-            def half(tmp):
-                write(tmp)
-                with open(tmp, "r+b") as f:
-                    f.truncate(len(merged_bytes) // 2)
+            def half(f):
+                write(f)
+                f.flush()
+                f.truncate(len(merged_bytes) // 2)
                 raise OSError(errno.ENOSPC, "No space left on device")
-            return fileio.atomic_write(path, half)
+            return real(path, half)
         return real(path, write)
 
-    monkeypatch.setattr(genjob, "atomic_write", atomic_write)
+    monkeypatch.setattr(fileio, "atomic_write", atomic_write)
     code, stdout, stderr = _cli_in_process(["generate", "--merge", *overrides], capsys)
     assert tree(tmp_path / "out" / "chunks") == chunks
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) == [
@@ -672,7 +674,7 @@ def test_a_diverging_run_stops_on_the_command_line_naming_the_step_keeping_the_c
 # == 7. security =======================================================================================
 def test_pickles_next_to_a_checkpoint_are_never_loaded_by_eval_generate_or_resume(ref, tmp_path):
     run = copy_run(ref / "run", tmp_path / "run")
-    ckpt = run / "checkpoints" / ckpt_io.step_dir_name(TRAIN_STEPS)
+    ckpt = run / "checkpoints" / step_dir_name(TRAIN_STEPS)
     marker = tmp_path / "PWNED"
     raw = malicious_pickle(marker)
     for where in (ckpt / "checkpoint.pkl", run / "model.pkl"):
@@ -826,7 +828,7 @@ def test_two_training_jobs_started_together_on_one_run_one_refuses_the_other_fin
 
 
 def test_two_generation_jobs_on_the_same_shard_one_refuses_and_nothing_is_interleaved(ref, gen_ref, tmp_path):
-    from lmcore.gen.job import MERGED_FILE, done_chunks
+    from lmcore.gen.folder import MERGED_FILE, done_chunks
 
     prompts, reference = gen_ref
     out = tmp_path / "out"

@@ -6,19 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmcore.config import ModelConfig
 from lmcore.data.tokenizer import WordTokenizer
-from lmcore.gen.decoder import (
-    CHUNK,
-    Decoder,
-    SamplingParams,
-    generate_batch,
-    row_generator,
-    row_key,
-    row_uniforms,
-    sample_next,
-)
+from lmcore.errors import ConfigError
+from lmcore.gen.decoder import Decoder
+from lmcore.gen.sampling import CHUNK, SamplingParams, chunk_layout, pick_tokens, row_key, row_uniforms
 from lmcore.model import LSTMLM
 
 TOK = WordTokenizer([f"w{i}" for i in range(40)])
@@ -33,6 +27,25 @@ def _one_thread():
     yield
     torch.set_num_threads(before)
 BANNED = [TOK.unk_id, TOK.pad_id, TOK.bos_id]
+
+
+def complete(m: LSTMLM, prompts: list[list[int]], params: SamplingParams, seed: int = 0,
+             ids: list[int] | None = None):
+    """The decoder on these prompts, row i drawing from the stream of (seed, ids[i], sample 0)."""
+    keys = [row_key(seed, i) for i in (ids if ids is not None else range(len(prompts)))]
+    return Decoder(m, TOK, params).generate(prompts, row_uniforms(keys, max(params.max_new_tokens, 1)))
+
+
+def draw(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams, banned: list[int]) -> torch.Tensor:
+    """One token per row of raw logits, as the decoder draws it (banned words masked, the
+    temperature applied, the vocabulary padded to whole sampling chunks)."""
+    logits = logits.detach().float().clone()
+    logits[:, banned] = float("-inf")
+    if not params.greedy and params.temperature != 1.0:
+        logits /= params.temperature
+    width, n = chunk_layout(logits.shape[1])
+    logits = F.pad(logits, (0, n * width - logits.shape[1]), value=float("-inf"))
+    return pick_tokens(logits, u, params, width)
 
 
 def model(tok: WordTokenizer = TOK, **cfg) -> LSTMLM:
@@ -51,7 +64,7 @@ def model(tok: WordTokenizer = TOK, **cfg) -> LSTMLM:
 def test_greedy_is_argmax_of_a_full_prefix_rerun():
     m = model()
     prompt = [TOK.stoi["w3"], TOK.stoi["w7"]]
-    [out] = generate_batch(m, TOK, [prompt], [row_generator(0, 0)], SamplingParams(0.0, max_new_tokens=8))
+    [out] = complete(m, [prompt], SamplingParams(0.0, max_new_tokens=8))
     ids = [TOK.bos_id, *prompt]
     expected = []
     for _ in range(8):  # the notebook's way: re-run everything, take the best allowed token
@@ -68,13 +81,12 @@ def test_greedy_is_argmax_of_a_full_prefix_rerun():
 def test_top_k_1_equals_greedy_and_banned_tokens_never_appear():
     m = model()
     prompts = [[TOK.stoi[f"w{i}"]] for i in range(6)]
-    gens = lambda: [row_generator(1, i) for i in range(6)]  # noqa: E731
-    greedy = generate_batch(m, TOK, prompts, gens(), SamplingParams(0.0, max_new_tokens=10))
-    top1 = generate_batch(m, TOK, prompts, gens(), SamplingParams(1.5, top_k=1, max_new_tokens=10))
+    greedy = complete(m, prompts, SamplingParams(0.0, max_new_tokens=10), seed=1)
+    top1 = complete(m, prompts, SamplingParams(1.5, top_k=1, max_new_tokens=10), seed=1)
     assert [c.token_ids for c in greedy] == [c.token_ids for c in top1]
     for params in (SamplingParams(2.0, max_new_tokens=20), SamplingParams(2.0, top_k=30, max_new_tokens=20),
                    SamplingParams(2.0, top_p=0.95, max_new_tokens=20)):
-        sampled = generate_batch(m, TOK, prompts * 20, [row_generator(2, i) for i in range(120)], params)
+        sampled = complete(m, prompts * 20, params, seed=2)
         seen = {t for c in sampled for t in c.token_ids}
         assert not seen & set(BANNED)
         assert len(seen) > 10  # it did sample, not collapse
@@ -84,8 +96,8 @@ def test_a_rows_output_does_not_depend_on_its_batch():
     m = model()
     prompts = [[TOK.stoi[f"w{i}"]] * (1 + i % 3) for i in range(8)]
     params = SamplingParams(1.0, top_p=0.9, max_new_tokens=12)
-    together = generate_batch(m, TOK, prompts, [row_generator(5, i) for i in range(8)], params)
-    alone = [generate_batch(m, TOK, [p], [row_generator(5, i)], params)[0] for i, p in enumerate(prompts)]
+    together = complete(m, prompts, params, seed=5)
+    alone = [complete(m, [p], params, seed=5, ids=[i])[0] for i, p in enumerate(prompts)]
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]
     assert {c.finish_reason for c in together} <= {"eos", "length"}
 
@@ -187,7 +199,7 @@ def test_int8_plain_sampling_without_full_logits_draws_what_the_full_logits_give
 
 
 def test_int8_refuses_the_adaptive_softmax():
-    with pytest.raises(ValueError, match="int8 is for the full softmax"):
+    with pytest.raises(ConfigError, match="int8 is for the full softmax"):
         Decoder(model(BIG, softmax="adaptive", adaptive_cutoffs=[500, 3000]), BIG, SamplingParams(1.0),
                 precision="int8")
 
@@ -228,7 +240,7 @@ def test_inverse_cdf_gives_the_right_distribution(params):
     logits[5000] = 9.0  # a peak in a later chunk
     n = 6000
     u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    picks = sample_next(logits.expand(n, vocab), u, params, BANNED)
+    picks = draw(logits.expand(n, vocab), u, params, BANNED)
     counts = np.bincount(picks.numpy(), minlength=vocab)
     p = _reference_probs(logits, params)
     assert counts[BANNED].sum() == 0
@@ -238,7 +250,7 @@ def test_inverse_cdf_gives_the_right_distribution(params):
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([[0.0001, 0.0001, 0.0001, 0.0001, 0.5, 0.3, 0.2]]))
-    picks = {int(sample_next(logits.clone(), torch.tensor([u]), SamplingParams(1.0, top_p=0.75), [0, 1, 2]))
+    picks = {int(draw(logits.clone(), torch.tensor([u]), SamplingParams(1.0, top_p=0.75), [0, 1, 2]))
              for u in torch.linspace(0, 0.999, 200).tolist()}
     assert picks == {4, 5}
 
@@ -250,15 +262,14 @@ def test_row_streams_are_splitmix64_keyed_by_seed_id_and_sample():
     assert len(keys) == 4  # ids 7 and "7" differ, so do samples and seeds
     u = row_uniforms([row_key(0, i) for i in range(1000)], 50)
     assert u.min() >= 0 and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
-    assert np.array_equal(row_generator(0, 3).uniforms(50), u[3])
+    assert np.array_equal(row_uniforms([row_key(0, 3)], 50)[0], u[3])  # a row's stream alone
 
 
 def test_eos_ends_a_row_and_is_not_part_of_the_completion():
     m = model()
     with torch.no_grad():
         m.head.bias[TOK.eos_id] += 30.0  # eos first, always
-    out = generate_batch(m, TOK, [[4], [5, 6]], [row_generator(0, i) for i in range(2)],
-                         SamplingParams(1.0, max_new_tokens=5))
+    out = complete(m, [[4], [5, 6]], SamplingParams(1.0, max_new_tokens=5))
     assert [(c.token_ids, c.finish_reason) for c in out] == [([], "eos"), ([], "eos")]
-    full = generate_batch(m, TOK, [[4]], [row_generator(0, 0)], SamplingParams(1.0, max_new_tokens=0))
+    full = complete(m, [[4]], SamplingParams(1.0, max_new_tokens=0))
     assert full[0].finish_reason == "length" and full[0].token_ids == []

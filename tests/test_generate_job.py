@@ -20,19 +20,20 @@ from safetensors.torch import load_file, save_file
 from lmcore.config import load_config
 from lmcore.data.sample_corpus import sample_reviews
 from lmcore.fileio import atomic_write_json, sha256_file
-from lmcore.gen.job import (
+from lmcore.gen.decoder import auto_precision
+from lmcore.gen.folder import (
     MANIFEST_FILE,
     MERGED_FILE,
     PARAMS_FILE,
     REJECTS_FILE,
     GenerationError,
-    cli_generate,
     done_chunks,
-    generate_shard,
-    merge_outputs,
     resolve_shard,
 )
+from lmcore.gen.job import generate_shard
+from lmcore.gen.merge import merge_outputs
 from lmcore.gen.prompts import PromptSource
+from lmcore.jobs import run_job
 from tests.conftest import REPO, tiny_overrides
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -96,8 +97,9 @@ def test_merged_output_is_in_input_order_with_all_fields_and_a_manifest(run_dir,
     prompts = prompts_jsonl(tmp_path / "p.jsonl")
     out = tmp_path / "out"
     cfg = gen_cfg(run_dir, out, prompts=prompts, samples_per_prompt=2, temperature=0.8, top_p=0.95)
-    assert cli_generate(cfg, merge=False) == 0
-    summary = json.loads(capsys.readouterr().out)
+    outcome = run_job("generate", cfg)
+    assert outcome.exit_code == 0 and outcome.reports
+    summary = outcome.result
     assert summary["complete"] and summary["rows"] == 80 and summary["chunks_total"] == 6
     assert summary["merged"] == str(out / MERGED_FILE)
 
@@ -125,7 +127,7 @@ def test_merged_output_is_in_input_order_with_all_fields_and_a_manifest(run_dir,
     ck = json.loads((out / PARAMS_FILE).read_text())["checkpoint"]
     assert manifest["checkpoint"]["model_sha256"] == ck["model_sha256"] == sha256_file(
         Path(ck["path"]) / "model.safetensors")
-    assert manifest["sampling"]["temperature"] == 0.8 and manifest["precision"] == "fp32"
+    assert manifest["sampling"]["temperature"] == 0.8 and manifest["precision"] == auto_precision("cpu")
 
 
 def test_text_prompts_and_unconditional_samples(run_dir, tmp_path):
@@ -149,7 +151,7 @@ def test_text_prompts_and_unconditional_samples(run_dir, tmp_path):
 
 
 def test_greedy_and_top_k_1_agree_and_greedy_is_the_argmax(run_dir, tmp_path):
-    from lmcore.checkpoint import load_for_inference
+    from lmcore.checkpoint import resolve
 
     prompts = prompts_jsonl(tmp_path / "p.jsonl", 12)
     runs = {}
@@ -160,7 +162,7 @@ def test_greedy_and_top_k_1_agree_and_greedy_is_the_argmax(run_dir, tmp_path):
         runs[name] = [r["completion"] for r in read_rows(tmp_path / name)]
     assert runs["greedy"] == runs["top1"]
 
-    model, tok, _ = load_for_inference(run_dir)
+    model, tok = resolve(run_dir).build_model()
     banned = [tok.unk_id, tok.pad_id, tok.bos_id]
     for row in read_rows(tmp_path / "greedy")[:5]:  # the notebook's way, re-running the prefix
         ids = [tok.bos_id, *tok.encode(row["prompt"])]
@@ -436,9 +438,9 @@ def test_a_folder_made_with_other_settings_or_another_checkpoint_is_refused(run_
     # Another checkpoint: the same architecture, other weights.
     import shutil
 
-    from lmcore.checkpoint import latest_valid
+    from lmcore.checkpoint import resolve
 
-    src = latest_valid(run_dir)
+    src = resolve(run_dir).path
     other = tmp_path / "other" / "checkpoints" / src.name
     shutil.copytree(src, other)
     weights = load_file(str(other / "model.safetensors"))
@@ -480,9 +482,8 @@ def test_prompts_are_streamed_not_loaded(tmp_path):
 
 # -- tracking -----------------------------------------------------------------------------------
 class RecordingTracker:
-    def __init__(self, fail: bool = False):
+    def __init__(self):
         self.calls: list[tuple] = []
-        self.fail = fail
 
     def __getattr__(self, name):
         if name not in ("log", "summary", "table", "finish"):
@@ -490,19 +491,25 @@ class RecordingTracker:
 
         def record(*args):
             self.calls.append((name, *args))
-            if self.fail:
-                raise RuntimeError("W&B is down")
         return record
+
+
+class BrokenRun:
+    """A W&B run whose every call fails (the service died, the disk filled up)."""
+
+    def __getattr__(self, name):
+        raise RuntimeError("W&B is down")
 
 
 def test_throughput_and_samples_go_to_the_tracker_and_a_broken_one_changes_nothing(run_dir, tmp_path,
                                                                                    monkeypatch):
-    import lmcore.track.tracker
+    import lmcore.gen.job
+    from lmcore.track.tracker import Tracker
 
     prompts = prompts_jsonl(tmp_path / "p.jsonl", 30)
     tracker = RecordingTracker()
     opened = []
-    monkeypatch.setattr(lmcore.track.tracker, "open_tracker",
+    monkeypatch.setattr(lmcore.gen.job, "open_tracker",
                         lambda cfg, run, job, enabled=True: opened.append((run, job, enabled)) or tracker)
     cfg = gen_cfg(run_dir, tmp_path / "a", prompts=prompts, chunk_size=10)
     generate_shard(cfg, progress=False)
@@ -514,13 +521,14 @@ def test_throughput_and_samples_go_to_the_tracker_and_a_broken_one_changes_nothi
     _, name, columns, rows = tracker.calls[4]
     assert name == "generate/samples" and columns[0] == "id" and len(rows) == 20
 
-    monkeypatch.setattr(lmcore.track.tracker, "open_tracker", lambda *a, **k: RecordingTracker(fail=True))
-    generate_shard(gen_cfg(run_dir, tmp_path / "b", prompts=prompts, chunk_size=10), progress=False)
+    monkeypatch.setattr(lmcore.gen.job, "open_tracker", lambda *a, **k: Tracker(BrokenRun(), "offline", "x"))
+    with pytest.warns(UserWarning, match="W&B log failed"):  # once: the tracker is off after that
+        generate_shard(gen_cfg(run_dir, tmp_path / "b", prompts=prompts, chunk_size=10), progress=False)
 
     def cannot_start(*a, **k):
         raise RuntimeError("no wandb today")
 
-    monkeypatch.setattr(lmcore.track.tracker, "open_tracker", cannot_start)
+    monkeypatch.setattr(lmcore.gen.job, "open_tracker", cannot_start)
     with pytest.warns(UserWarning, match="tracking is off"):
         generate_shard(gen_cfg(run_dir, tmp_path / "c", prompts=prompts, chunk_size=10), progress=False)
     for name in ("b", "c"):

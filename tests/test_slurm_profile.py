@@ -55,7 +55,8 @@ def test_shipped_profiles_load():
 
 
 @pytest.mark.parametrize("values, expected", [
-    ({"partiton": "gpu"}, "unknown key 'partiton' (did you mean 'partition'?); valid keys: partition,"),
+    ({"partiton": "gpu"}, "unknown key 'partiton' (did you mean 'partition'?); valid keys in the top level: "
+                          "partition,"),
     ({"eval": {"gpus": 1}}, "unknown key 'eval.gpus'"),
     ({"time": "4h"}, "time '4h' is not a SLURM time limit; use MINUTES, HH:MM:SS"),
     ({"generate": {"time": "1:2:3:4"}}, "generate.time '1:2:3:4' is not a SLURM time limit"),

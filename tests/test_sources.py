@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import lmcore.data.cache
+import lmcore.data.sources
 from lmcore.config import DataConfig
 from lmcore.data.cache import fit_tokenizer, load_split
 from lmcore.data.sources import read_texts, source_identity
@@ -179,12 +179,35 @@ def test_second_load_comes_from_the_cache(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the source was read again instead of the cache")
 
-    monkeypatch.setattr(lmcore.data.cache, "read_texts", refuse)
+    monkeypatch.setattr(lmcore.data.sources.Split, "texts", refuse)
     again = load_split(cfg, "train", tok)
     np.testing.assert_array_equal(np.asarray(again.tokens), first.tokens)
     np.testing.assert_array_equal(np.asarray(again.offsets), first.offsets)
     assert fit_tokenizer(cfg).itos == tok.itos  # the tokenizer comes from the cache too
     assert not list((tmp_path / "token-cache").rglob(".tmp-*"))
+
+
+def test_a_cold_cache_reads_the_training_file_once_and_a_warm_one_only_hashes_it(tmp_path, monkeypatch):
+    """Fitting the tokenizer and encoding share one read; the cache key is that read's sha256."""
+    from lmcore.data.cache import load_corpus
+
+    path = write_jsonl(tmp_path / "train.jsonl", REVIEWS * 3)
+    write_jsonl(tmp_path / "test.jsonl", REVIEWS)
+    reads: list[str] = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda p: reads.append(p.name) or real(p))
+    parsed: list[str] = []
+    real_texts = lmcore.data.sources.Split.texts
+    monkeypatch.setattr(lmcore.data.sources.Split, "texts", lambda s: parsed.append(s.split) or real_texts(s))
+    cfg = data_cfg(tmp_path, tmp_path, min_count=1)
+    corpus = load_corpus(cfg)
+    assert len(corpus.train) == 9 and len(corpus.val) == 1  # every 10th of the 3 test reviews
+    assert reads == ["train.jsonl", "test.jsonl"] and parsed == ["train", "test"]
+    reads.clear(), parsed.clear()
+    again = load_corpus(cfg)  # warm: each file read once for its checksum, parsed never
+    assert reads == ["train.jsonl", "test.jsonl"] and parsed == []
+    assert again.tokenizer.itos == corpus.tokenizer.itos
+    assert path.is_file()
 
 
 def test_a_changed_file_gets_a_new_cache_entry(tmp_path):

@@ -21,15 +21,11 @@ import pytest
 
 from lmcore.config import load_config
 from lmcore.track.metrics import MetricsLog, read_metrics
-from lmcore.track.tracker import (
-    STATE_FILE,
-    Tracker,
-    api_key_configured,
-    history_row,
-    open_tracker,
-    resolve_mode,
-)
+from lmcore.track.tracker import Tracker, history_row
+from lmcore.track.wandb_init import api_key_configured, open_tracker, resolve_mode
 from tests.conftest import REPO, tiny_overrides
+
+STATE_FILE = "wandb_run.json"  # in the run folder (lmcore.rundir.RunDir.wandb_state)
 
 FAKE_KEY = "lmcoretestkey" + "0" * 27  # 40 characters, the shape of a real key
 CLOSED_PORT_URL = "http://127.0.0.1:9"  # discard port: nothing listens, nothing leaves the host
@@ -237,7 +233,7 @@ from pathlib import Path
 sys.path.insert(0, {repo!r})
 from lmcore.config import load_config
 from lmcore.track.metrics import MetricsLog
-from lmcore.track.tracker import open_tracker
+from lmcore.track.wandb_init import open_tracker
 from tests.test_tracking import log_like_the_trainer
 run = Path({run!r})
 cfg = load_config(None, ["run.dir=" + str(run), "tracking.project=lmcore-test",

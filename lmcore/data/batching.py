@@ -19,9 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmcore.config import DataConfig
 from lmcore.data.cache import TokenizedSplit
+from lmcore.data.tokenizer import WordTokenizer
+from lmcore.errors import DataError
 
-IGNORE = -100
+IGNORE = -100  # a target that is not scored (F.cross_entropy's ignore_index)
 
 
 @dataclass
@@ -136,6 +139,18 @@ class PackedBatches:
         targets = torch.from_numpy(rows[:, lo + 1 : lo + self.seq_len + 1].copy())
         targets[targets == self.bos] = IGNORE
         return Batch(inputs, targets, carries_state=index > 0)
+
+
+def training_batches(cfg: DataConfig, split: TokenizedSplit, tok: WordTokenizer, batch_size: int, seed: int,
+                     rank: int, world: int) -> PaddedBatches | PackedBatches:
+    """This rank's training batches as data.batching says."""
+    special = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id}
+    try:
+        if cfg.batching == "packed":
+            return PackedBatches(split, batch_size, cfg.seq_len, cfg.truncate, special, seed, rank, world)
+        return PaddedBatches(split, batch_size, cfg.truncate, special, seed, rank, world)
+    except ValueError as e:
+        raise DataError(f"training data too small: {e}; use more data or a smaller batch") from None
 
 
 def eval_batches(split: TokenizedSplit, batch_size: int, truncate: int) -> list[np.ndarray]:

@@ -23,7 +23,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmcore.errors import DataError
+from lmcore.data.sample_corpus import SAMPLE_CORPUS_VERSION, sample_reviews
+from lmcore.errors import DataError, first_line
 
 SPLIT_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv", ".txt", ".txt.gz")
 LOCAL_HINT = (
@@ -92,70 +93,99 @@ def _file_kind(path: Path) -> str:
     return kinds[s]
 
 
-def source_identity(source: str, split: str) -> str:
-    """A string that changes whenever the split's content may have changed."""
-    kind, loc = resolve_split(source, split)
-    if kind == "sample":
-        from lmcore.data.sample_corpus import SAMPLE_CORPUS_VERSION
+class Split:
+    """One split of a data source, read at most once per job: its identity (the token cache key:
+    a file's sha256, a hub dataset's fingerprint) and its texts come from the same read."""
 
-        return f"sample:v{SAMPLE_CORPUS_VERSION}:{split}"
-    if kind == "hub":
-        return f"hub:{loc}:{split}"
-    path = Path(loc)
-    if kind == "aclimdb":
+    def __init__(self, source: str, split: str, text_field: str = "text"):
+        self.source, self.split, self.text_field = source, split, text_field
+        self.kind, self.location = resolve_split(source, split)
+        self._identity: str | None = None
+        self._data: bytes | None = None  # a file's bytes: hashed, then parsed
+        self._hub = None  # a datasets.Dataset
+
+    @property
+    def identity(self) -> str:
+        """A string that changes whenever the split's content may have changed."""
+        if self._identity is None:
+            self._identity = self._make_identity()
+        return self._identity
+
+    def _make_identity(self) -> str:
+        if self.kind == "sample":
+            return f"sample:v{SAMPLE_CORPUS_VERSION}:{self.split}"
+        if self.kind == "hub":  # a new revision on the hub is a new fingerprint
+            return f"hub:{self.location}:{self.split}:{self._dataset()._fingerprint}"
+        path = Path(self.location)
         h = hashlib.sha256()
-        for f in sorted(path.glob("*/*.txt")):
-            st = f.stat()
-            h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-        return f"aclimdb:{path.resolve()}:{h.hexdigest()}"
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return f"{kind}:{h.hexdigest()}"
+        if self.kind == "aclimdb":  # 100k small files: names, sizes and times, not contents
+            for f in sorted(path.glob("*/*.txt")):
+                st = f.stat()
+                h.update(f"{f.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+            return f"aclimdb:{path.resolve()}:{h.hexdigest()}"
+        h.update(self._bytes())
+        return f"{self.kind}:{h.hexdigest()}"
+
+    def _bytes(self) -> bytes:
+        if self._data is None:
+            try:
+                self._data = Path(self.location).read_bytes()
+            except OSError as e:
+                raise DataError(f"cannot read {self.location}: {first_line(e)}") from None
+        return self._data
+
+    def _dataset(self):
+        if self._hub is None:
+            self._hub = _load_hub(str(self.location), self.split)
+        return self._hub
+
+    def texts(self) -> list[str]:
+        path = Path(str(self.location))
+        if self.kind == "sample":
+            texts = [r["text"] for r in sample_reviews(str(self.location))]
+        elif self.kind == "hub":
+            texts = _hub_texts(self._dataset(), str(self.location), self.text_field)
+        elif self.kind == "aclimdb":
+            texts = list(_read_aclimdb(path))
+        elif self.kind == "jsonl":
+            texts = list(_read_jsonl(path, self._bytes(), self.text_field))
+        elif self.kind == "text":
+            texts = list(_read_text_lines(path, self._bytes()))
+        elif self.kind == "csv":
+            texts = list(_read_csv(path, self._bytes(), self.text_field))
+        else:
+            texts = _read_parquet(path, self._bytes(), self.text_field)
+        self._data = None  # parsed: the bytes are not needed again
+        if not texts:
+            raise DataError(f"split {self.split!r} of {self.source} holds no texts; check the path and split")
+        return texts
+
+
+def source_identity(source: str, split: str) -> str:
+    return Split(source, split).identity
 
 
 def read_texts(source: str, split: str, text_field: str = "text") -> list[str]:
-    kind, loc = resolve_split(source, split)
-    if kind == "sample":
-        from lmcore.data.sample_corpus import sample_reviews
-
-        texts = [r["text"] for r in sample_reviews(str(loc))]
-    elif kind == "hub":
-        texts = _read_hub(str(loc), split, text_field)
-    elif kind == "aclimdb":
-        texts = list(_read_aclimdb(Path(loc)))
-    elif kind == "jsonl":
-        texts = list(_read_jsonl(Path(loc), text_field))
-    elif kind == "text":
-        texts = list(_read_text_lines(Path(loc)))
-    elif kind == "csv":
-        texts = list(_read_csv(Path(loc), text_field))
-    else:
-        texts = _read_parquet(Path(loc), text_field)
-    if not texts:
-        raise DataError(f"split {split!r} of {source} holds no texts; check the path and split")
-    return texts
+    return Split(source, split, text_field).texts()
 
 
-def _open_lines(path: Path) -> Iterator[tuple[int, str]]:
+def _lines(path: Path, data: bytes) -> Iterator[tuple[int, str]]:
     """Numbered lines, decoded strictly: a bad byte names its file and line."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    yield lineno, raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(
-                        f"{path}:{lineno}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8"
-                    ) from None
-    except (OSError, EOFError) as e:  # e.g. a truncated or fake .gz
-        raise DataError(f"cannot read {path}: {e}") from None
+    if path.name.endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:  # a truncated or fake .gz
+            raise DataError(f"cannot read {path}: {first_line(e)}") from None
+    for lineno, raw in enumerate(data.splitlines(keepends=True), 1):
+        try:
+            yield lineno, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8"
+                            ) from None
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    for lineno, line in _open_lines(path):
+def _read_jsonl(path: Path, data: bytes, text_field: str) -> Iterator[str]:
+    for lineno, line in _lines(path, data):
         if not line.strip():
             continue
         try:
@@ -174,15 +204,15 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
         yield text
 
 
-def _read_text_lines(path: Path) -> Iterator[str]:
-    for _, line in _open_lines(path):
+def _read_text_lines(path: Path, data: bytes) -> Iterator[str]:
+    for _, line in _lines(path, data):
         if line.strip():
             yield line.rstrip("\n")
 
 
-def _read_csv(path: Path, text_field: str) -> Iterator[str]:
-    data = "".join(line for _, line in _open_lines(path))
-    reader = csv.DictReader(io.StringIO(data))
+def _read_csv(path: Path, data: bytes, text_field: str) -> Iterator[str]:
+    text = "".join(line for _, line in _lines(path, data))
+    reader = csv.DictReader(io.StringIO(text))
     if reader.fieldnames is None or text_field not in reader.fieldnames:
         raise DataError(
             f"{path}: no column {text_field!r} (found: {', '.join(reader.fieldnames or [])}); "
@@ -192,19 +222,17 @@ def _read_csv(path: Path, text_field: str) -> Iterator[str]:
         yield row[text_field] or ""
 
 
-def _read_parquet(path: Path, text_field: str) -> list[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+def _read_parquet(path: Path, data: bytes, text_field: str) -> list[str]:
+    pa, pq = _pyarrow()
     try:
-        schema = pq.read_schema(path)
+        schema = pq.read_schema(pa.BufferReader(data))
         if text_field not in schema.names:
             raise DataError(
                 f"{path}: no column {text_field!r} (found: {', '.join(schema.names)}); set data.text_field"
             )
-        column = pq.read_table(path, columns=[text_field]).column(0)
+        column = pq.read_table(pa.BufferReader(data), columns=[text_field]).column(0)
     except (pa.ArrowException, OSError) as e:
-        raise DataError(f"cannot read parquet file {path}: {str(e).splitlines()[0]}") from None
+        raise DataError(f"cannot read parquet file {path}: {first_line(e)}") from None
     return [t or "" for t in column.to_pylist()]
 
 
@@ -223,17 +251,32 @@ def _read_aclimdb(split_dir: Path) -> Iterator[str]:
                 raise DataError(f"{f}: not valid UTF-8 (byte {e.start}); re-encode the file") from None
 
 
-def _read_hub(name: str, split: str, text_field: str) -> list[str]:
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    import datasets
-
+def _pyarrow():
+    """pyarrow, for Parquet files (deferred: an optional dependency, and slow to import)."""
     try:
-        ds = datasets.load_dataset(name, split=split)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("reading Parquet files needs pyarrow: pip install 'lmcore[hub]'") from None
+    return pa, pq
+
+
+def _load_hub(name: str, split: str):
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    try:  # deferred: an optional dependency, and a second to import
+        import datasets
+    except ImportError:
+        raise DataError(f"data.source hub:{name} needs the datasets package: pip install 'lmcore[hub]'; "
+                        f"{LOCAL_HINT}") from None
+    try:
+        return datasets.load_dataset(name, split=split)
     except (ConnectionError, OSError) as e:  # no network, or the hub refused
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"could not load {name!r} from the hub ({first}); {LOCAL_HINT}") from None
+        raise DataError(f"could not load {name!r} from the hub ({first_line(e)}); {LOCAL_HINT}") from None
     except ValueError as e:  # unknown split
-        raise DataError(f"hub dataset {name!r}: {str(e).splitlines()[0]}") from None
+        raise DataError(f"hub dataset {name!r}: {first_line(e)}") from None
+
+
+def _hub_texts(ds, name: str, text_field: str) -> list[str]:
     if text_field not in ds.column_names:
         raise DataError(
             f"hub dataset {name!r} has no column {text_field!r} (found: {', '.join(ds.column_names)}); "

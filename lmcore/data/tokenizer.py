@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lmcore import fileio
 from lmcore.errors import LmcoreError
-from lmcore.fileio import atomic_write_text
 
 UNK, PAD, BOS, EOS = "<unk>", "<pad>", "<bos>", "<eos>"
 SPECIALS = (UNK, PAD, BOS, EOS)
@@ -36,6 +36,7 @@ class WordTokenizer:
             raise LmcoreError("tokenizer vocabulary holds duplicate words; refit the tokenizer")
         self.counts = list(counts) if counts is not None else []
         self.min_count = min_count
+        self._fingerprint: str | None = None
         self.unk_id, self.pad_id, self.bos_id, self.eos_id = (self.stoi[s] for s in SPECIALS)
 
     # -- building -------------------------------------------------------------------------
@@ -55,8 +56,11 @@ class WordTokenizer:
 
     @property
     def fingerprint(self) -> str:
-        payload = json.dumps({"v": VERSION, "min_count": self.min_count, "itos": self.itos})
-        return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+        """Identifies the vocabulary (words, ids, min_count); computed once (the words never change)."""
+        if self._fingerprint is None:
+            payload = json.dumps({"v": VERSION, "min_count": self.min_count, "itos": self.itos})
+            self._fingerprint = hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+        return self._fingerprint
 
     # -- encoding -------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -97,7 +101,7 @@ class WordTokenizer:
         )
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(path, self.to_json())
+        fileio.atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> WordTokenizer:
@@ -108,13 +112,23 @@ class WordTokenizer:
                 "tokenizer.json, or train first to create one"
             )
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LmcoreError(f"tokenizer file {path} cannot be read ({e}); restore it from the checkpoint "
+                              "folder or retrain") from None
+        return cls.from_json(text, str(path))
+
+    @classmethod
+    def from_json(cls, text: str, path: str = "tokenizer.json") -> WordTokenizer:
+        """A tokenizer from its JSON text; any damage is one LmcoreError naming path."""
+        try:
+            obj = json.loads(text)
             if obj.get("format") != FORMAT or obj.get("version") != VERSION:
                 raise ValueError("not an lmcore tokenizer file")
             if tuple(obj["specials"]) != SPECIALS:
                 raise ValueError("unexpected special tokens")
             tok = cls(obj["words"], obj.get("counts"), int(obj["min_count"]))
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise LmcoreError(
                 f"tokenizer file {path} is damaged or not an lmcore tokenizer ({e}); "
                 "restore it from the checkpoint folder or retrain"

@@ -30,7 +30,6 @@ so every step runs the same kernels; identity across batch sizes is not claimed 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,20 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from lmcore.data.tokenizer import WordTokenizer
-from lmcore.gen.sampling import (
-    CHUNK,
-    RowStream,
-    SamplingParams,
-    chunk_layout,
-    chunk_mass,
-    pick_tokens,
-    row_generator,
-    row_key,
-    row_uniforms,
-    sample_by_chunks,
-    sample_next,
-    uniforms_from,
-)
+from lmcore.errors import ConfigError
+from lmcore.gen.sampling import SamplingParams, chunk_layout, chunk_mass, pick_tokens, sample_by_chunks
 from lmcore.model import LSTMLM
 
 MIN_ROWS = 16  # CPU matmuls with fewer rows use another MKL kernel (other last bits)
@@ -100,16 +87,21 @@ class Decoder:
     0 = at least MIN_ROWS.
     """
 
+    @staticmethod
+    def check(model: LSTMLM, precision: str) -> None:
+        """Refuse a precision this model or this torch cannot run (before a job claims anything)."""
+        if precision not in ("fp32", "bf16", "int8"):
+            raise ConfigError(f"generate.precision must be fp32, bf16 or int8 here, got {precision!r}")
+        if precision == "int8" and not hasattr(torch, "_int_mm"):
+            raise ConfigError(f"generate.precision=int8 needs torch._int_mm, which torch {torch.__version__} "
+                              "lacks: use generate.precision=fp32")
+        if precision == "int8" and model.adaptive is not None:
+            raise ConfigError("generate.precision=int8 is for the full softmax; this model uses the adaptive "
+                              "softmax: use generate.precision=fp32 or bf16")
+
     def __init__(self, model: LSTMLM, tok: WordTokenizer, params: SamplingParams,
                  device: torch.device | str | None = None, precision: str = "fp32", fixed_rows: int = 0):
-        if precision not in ("fp32", "bf16", "int8"):
-            raise ValueError(f"precision must be fp32, bf16 or int8, got {precision!r}")
-        if precision == "int8" and not hasattr(torch, "_int_mm"):
-            raise ValueError(f"precision int8 needs torch._int_mm, which torch {torch.__version__} "
-                             "lacks: use fp32")
-        if precision == "int8" and getattr(model, "adaptive", None) is not None:
-            raise ValueError("precision int8 is for the full softmax; this model uses the adaptive "
-                             "softmax: use fp32 or bf16")
+        self.check(model, precision)
         self.params = params
         self.tok = tok
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -136,7 +128,7 @@ class Decoder:
             self.proj = None if model.proj is None else model.proj.weight.detach().to(dev, self.mm_dtype)
             self.fold = not params.greedy and params.temperature != 1.0  # divide by the temperature
             self.banned = [tok.unk_id, tok.pad_id, tok.bos_id]  # never emitted
-            self.adaptive = getattr(model, "adaptive", None)
+            self.adaptive = model.adaptive
             if self.adaptive is not None:  # adaptive softmax: its exact log-probabilities
                 self.vocab = model.vocab_size
                 self.width, _ = chunk_layout(self.vocab)
@@ -359,40 +351,3 @@ class Decoder:
         if rows > len(tokens):
             tokens = torch.cat([tokens, tokens.new_full((rows - len(tokens),), self.pad)])
         return tokens
-
-
-@torch.no_grad()
-def generate_batch(model: LSTMLM, tok: WordTokenizer, prompts: list[list[int]],
-                   generators: Sequence, params: SamplingParams,
-                   device: torch.device | str = "cpu", precision: str = "fp32") -> list[Completion]:
-    """Complete each prompt (ids, `<bos>` not included) with up to max_new_tokens tokens;
-    generators: one RowStream (row_generator) or seeded torch.Generator per prompt."""
-    decoder = Decoder(model, tok, params, device, precision)
-    return decoder.generate(prompts, uniforms_from(generators, max(params.max_new_tokens, 1)))
-
-
-def run_generate(cfg, prompt_texts: list[str] | None = None) -> list[str]:
-    """A few completions printed as lines: for the quick start and a quick look at a model."""
-    from lmcore.checkpoint import load_for_inference
-
-    model, tok, _ = load_for_inference(cfg.generate.checkpoint or cfg.run.dir)
-    g = cfg.generate
-    params = SamplingParams(g.temperature, g.top_k, g.top_p, g.max_new_tokens)
-    texts = list(prompt_texts or [])
-    if not texts and g.prompts:
-        from lmcore.gen.prompts import open_prompts
-
-        texts = [r.text for r in open_prompts(g.prompts).records()]
-    if not texts:
-        texts = [""] * g.num_samples
-    prompts = [tok.encode(t) for t in texts]
-    gens = [row_generator(g.seed, i) for i in range(len(prompts))]
-    precision = g.precision if g.precision != "auto" else auto_precision("cpu")
-    done = generate_batch(model, tok, prompts, gens, params, precision=precision)
-    return [f"{t} >>> {tok.decode(c.token_ids)}".strip() for t, c in zip(texts, done, strict=True)]
-
-
-# The sampling names stay importable from here (lmcore.gen.decoder was their first home).
-__all__ = ["SamplingParams", "Completion", "Decoder", "generate_batch", "sample_next", "pick_tokens",
-           "row_key", "row_uniforms", "row_generator", "RowStream", "auto_precision", "run_generate",
-           "MIN_ROWS", "CHUNK"]

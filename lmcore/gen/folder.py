@@ -17,18 +17,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmcore import checkpoint as ckpt_io
-from lmcore.errors import ConfigError, LmcoreError
-from lmcore.fileio import fsync_dir, usual_permissions
+from lmcore import fileio
+from lmcore.errors import ConfigError, LmcoreError, first_line
 from lmcore.gen.decoder import auto_precision
 from lmcore.gen.prompts import PromptSource, ScanResult
+from lmcore.slurm.env import array_task
 
 FORMAT = "lmcore-generations"
 VERSION = 1
@@ -44,26 +44,11 @@ class GenerationError(LmcoreError):
 
 
 # -- where this process stands ---------------------------------------------------------------
-def resolve_shard(num_shards: int, shard_index: int, env: dict[str, str] | None = None) -> tuple[int, int]:
-    """(shard, number of shards): explicit values, else the SLURM array task, else (0, 1)."""
-    env = os.environ if env is None else env
-
-    def env_int(name: str, default: int) -> int:
-        try:
-            return int(env.get(name, "") or default)
-        except ValueError:
-            return default
-
-    in_array = "SLURM_ARRAY_TASK_ID" in env
-    n = num_shards or (env_int("SLURM_ARRAY_TASK_COUNT", 1) if in_array else 1)
-    s = shard_index
-    if s < 0:
-        if in_array:
-            first = env_int("SLURM_ARRAY_TASK_MIN", 0)
-            step = max(env_int("SLURM_ARRAY_TASK_STEP", 1), 1)
-            s = (env_int("SLURM_ARRAY_TASK_ID", 0) - first) // step
-        else:
-            s = 0
+def resolve_shard(num_shards: int, shard_index: int, env: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """(shard, number of shards): explicit values, else the SLURM array task's, else (0, 1)."""
+    task = array_task(env)
+    n = num_shards or (task[1] if task else 1)
+    s = shard_index if shard_index >= 0 else (task[0] if task else 0)
     if not 0 <= s < n:
         raise ConfigError(f"generate.shard_index {s} is out of range for {n} shards (0 .. {n - 1}); "
                           "set generate.num_shards to the array size")
@@ -92,14 +77,6 @@ def done_chunks(out: Path) -> set[int]:
 
 
 # -- the folder's parameters -----------------------------------------------------------------
-def checkpoint_info(ckpt: Path) -> dict[str, Any]:
-    manifest = ckpt_io.read_manifest(ckpt)
-    return {"path": str(ckpt), "step": manifest.get("step"),
-            "model_sha256": manifest["files"]["model.safetensors"]["sha256"],
-            "tokenizer_fingerprint": manifest["tokenizer_fingerprint"],
-            "architecture": manifest.get("architecture")}
-
-
 def sampling_dict(g) -> dict[str, Any]:
     return {"temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p,
             "max_new_tokens": g.max_new_tokens, "samples_per_prompt": g.samples_per_prompt, "seed": g.seed}
@@ -153,32 +130,18 @@ def read_params(out: Path, wait_s: float = 5.0) -> dict | None:
 
 def claim_params(out: Path, params: dict) -> None:
     """Create params.json if absent (exactly one creator wins), else require agreement."""
-    path = out / PARAMS_FILE
     existing = read_params(out)
     if existing is None:
         if done_chunks(out):
             raise GenerationError(f"output folder {out} holds chunk files but no {PARAMS_FILE}; "
                                   "use a new generate.output_dir")
-        out.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{PARAMS_FILE}.", suffix=".tmp", dir=out)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(params, indent=2, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            usual_permissions(tmp)
-            try:
-                os.link(tmp, path)  # fails if another process created it first
-            except FileExistsError:
-                pass
-            except OSError:  # no hard links here: exclusive create instead
-                with contextlib.suppress(FileExistsError), open(path, "x", encoding="utf-8") as f:
-                    f.write(Path(tmp).read_text(encoding="utf-8"))
-                    f.flush()
-                    os.fsync(f.fileno())
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        fsync_dir(out)
+            fileio.make_dir(out)
+            fileio.create_exclusive(out / PARAMS_FILE,
+                                    (json.dumps(params, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        except OSError as e:
+            raise GenerationError(f"cannot create the output folder {out} ({first_line(e)}); free space, or "
+                                  "set generate.output_dir to a writable folder") from None
         existing = read_params(out)
     diff = params_diff(existing or {}, params)
     if diff:

@@ -1,6 +1,6 @@
-"""The bulk generation job: sharded over SLURM array tasks and DDP ranks, resumable, merged.
-What the output folder holds (params.json, chunks/, rejects.jsonl, generations.jsonl,
-manifest.json) and how it is claimed: lmcore/gen/folder.py.
+"""The bulk generation job: sharded over SLURM array tasks and DDP ranks, resumable.
+What the output folder holds and how it is claimed: lmcore/gen/folder.py; the merge of the
+finished chunks into one file: lmcore/gen/merge.py.
 
 Work is cut into chunks of `generate.chunk_size` input lines. Chunk c belongs to shard
 c % num_shards (SLURM array task), and within the shard the j-th chunk goes to rank
@@ -11,73 +11,271 @@ does the rest, and so does a rerun with another number of shards or ranks. Since
 other, the merged file is the same bytes however the work was split (see
 lmcore/gen/decoder.py for what that rests on).
 
-Errors in the input (a malformed line, a missing field, a duplicate id, parameters that
-differ from what the folder holds) stop the job before any work, on every process alike.
+Everything that can be wrong (a malformed line, a missing field, a duplicate id, a
+checkpoint that does not load, a precision the model cannot run, parameters that differ from
+what the folder holds) stops the job before it claims the folder, on every process alike.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any
 
-from lmcore import checkpoint as ckpt_io
-from lmcore.errors import ConfigError
-from lmcore.fileio import atomic_write, atomic_write_bytes, atomic_write_json
-from lmcore.gen.decoder import Decoder, SamplingParams, row_key, row_uniforms
+from lmcore import fileio
+from lmcore.checkpoint import Checkpoint, resolve
+from lmcore.config import Config
+from lmcore.errors import ConfigError, first_line
+from lmcore.gen.decoder import Completion, Decoder
 from lmcore.gen.folder import (
-    CHUNKS_DIR,
-    FORMAT,
-    MANIFEST_FILE,
-    MERGED_FILE,
-    PARAMS_FILE,
     REJECTS_FILE,
-    VERSION,
     GenerationError,
-    checkpoint_info,
     chunk_path,
     claim_params,
     done_chunks,
     job_params,
-    read_params,
     resolve_precision,
     resolve_shard,
     sampling_dict,
 )
 from lmcore.gen.prompts import PromptRecord, PromptSource, ScanResult
+from lmcore.gen.sampling import SamplingParams, row_key, row_uniforms
+from lmcore.rundir import RunDir
+from lmcore.runtime.accelerator import all_sum, any_rank, make_accelerator
+from lmcore.runtime.lock import RunLock
+from lmcore.track.progress import Progress
+from lmcore.track.tracker import Tracker
+from lmcore.track.wandb_init import open_tracker
 
 LOG_EVERY_S = 30.0  # plain progress lines (log files) at most this often
 SAMPLE_TABLE_ROWS = 20
 
 
-# -- the shard ------------------------------------------------------------------------------
-def _scan(source: PromptSource, g) -> tuple[ScanResult, Path | None]:
-    """Check the whole input. With bad_lines=skip the bad lines are collected in a temp file
-    (returned), published as OUT/rejects.jsonl only once the folder's parameters agree."""
-    if g.bad_lines != "skip" or source.path is None:
-        return source.scan(g.chunk_size, g.bad_lines), None
-    fd, tmp = tempfile.mkstemp(prefix="lmcore-rejects-", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            def reject(lineno: int, why: str, raw: bytes) -> None:
-                text = raw.decode("utf-8", "replace").rstrip("\r\n")
-                f.write(json.dumps({"line": lineno, "error": why, "text": text}, ensure_ascii=False) + "\n")
+def generate_shard(cfg: Config, stop_requested: Callable[[], bool] | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Generate this process's part of the job into generate.output_dir (skipping chunks
+    already written) and return counts; "stopped" is true when a stop request ended it
+    with work left (rerun the same command to finish)."""
+    t0 = time.perf_counter()
+    job = ShardJob(cfg)  # checks everything; writes nothing
+    with job.claim():
+        return job.run(stop_requested or (lambda: False), progress, t0)
 
-            result = source.scan(g.chunk_size, "skip", reject)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return result, Path(tmp)
+
+@dataclass
+class Counts:
+    rows: int = 0
+    new_tokens: int = 0
+    chunks: int = 0
+    seconds: float = 0.0  # decoding only
+
+    @property
+    def speed(self) -> float:
+        return self.new_tokens / max(self.seconds, 1e-9)
+
+
+@dataclass
+class ShardJob:
+    """One process's share of a bulk generation job, checked before anything is written."""
+
+    cfg: Config
+    acc: Any = field(init=False)
+    ckpt: Checkpoint = field(init=False)
+
+    def __post_init__(self) -> None:
+        g = self.g = self.cfg.generate
+        if not g.output_dir:
+            raise ConfigError("set generate.output_dir: the bulk generation job writes its files there")
+        if not g.prompts and g.num_samples == 0:
+            raise ConfigError("nothing to generate: set generate.prompts (a file) or "
+                              "generate.num_samples > 0")
+        self.out = Path(g.output_dir)
+        self.shard, self.nshards = resolve_shard(g.num_shards, g.shard_index)
+        self.ckpt = resolve(g.checkpoint or self.cfg.run.dir)  # verified once, here
+        self.acc = make_accelerator(self.cfg)
+        acc = self.acc
+        self.rank, self.world, self.main = acc.process_index, acc.num_processes, acc.is_main_process
+        self.model, self.tok = self.ckpt.build_model(self.acc.device)
+        self.precision = resolve_precision(g.precision, self.out, self.acc.device)
+        Decoder.check(self.model, self.precision)
+        self.source = PromptSource(g.prompts or None, g.num_samples)
+        self.rejects: IO[bytes] | None = None
+        self.scan = self._scan()
+        self.params = job_params(self.cfg, self.ckpt.info(), self.source, self.scan, self.precision)
+
+    def _scan(self) -> ScanResult:
+        """Check the whole input. With bad_lines=skip the bad lines are kept aside (in memory, or
+        a temp file past a few MB) until the folder is claimed, then published as rejects.jsonl."""
+        g = self.g
+        if g.bad_lines != "skip" or self.source.path is None:
+            return self.source.scan(g.chunk_size, g.bad_lines)
+        self.rejects = tempfile.SpooledTemporaryFile(max_size=8 << 20)  # noqa: SIM115 - closed by claim()
+
+        def reject(lineno: int, why: str, raw: bytes) -> None:
+            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            row = json.dumps({"line": lineno, "error": why, "text": text}, ensure_ascii=False)
+            self.rejects.write((row + "\n").encode("utf-8"))
+
+        return self.source.scan(g.chunk_size, "skip", reject)
+
+    @contextlib.contextmanager
+    def claim(self) -> Iterator[None]:
+        """params.json (or agreement with it), rejects.jsonl, and this shard's lock."""
+        try:
+            claim_params(self.out, self.params)
+            if self.rejects is not None and self.main:
+                self.rejects.seek(0)
+                fileio.atomic_write(self.out / REJECTS_FILE, lambda f: shutil.copyfileobj(self.rejects, f))
+        except OSError as e:
+            raise GenerationError(f"cannot write {self.out / REJECTS_FILE} ({first_line(e)}); free space and "
+                                  "run the same command again") from None
+        finally:
+            if self.rejects is not None:
+                self.rejects.close()
+        lock = None
+        if self.main:
+            lock = RunLock(self.out / ".locks" / f"shard-{self.shard:05d}-of-{self.nshards:05d}",
+                           what="output folder", hint="generate.output_dir, or another shard").acquire()
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.release()
+
+    # -- the work -------------------------------------------------------------------------------
+    def run(self, stop_requested: Callable[[], bool], progress: bool, t0: float) -> dict[str, Any]:
+        g, acc = self.g, self.acc
+        total_chunks = len(self.scan.chunk_records)
+        shard_chunks = list(range(self.shard, total_chunks, self.nshards))
+        already = done_chunks(self.out)
+        todo = {c for j, c in enumerate(shard_chunks) if j % self.world == self.rank and c not in already}
+        stream = _Peek(self.source.records(lambda i: i // g.chunk_size in todo, self.scan.skip))
+        rows_todo = sum(self.scan.chunk_records[c] for c in todo) * g.samples_per_prompt
+        self.bar = Progress(rows_todo, enabled=self.main and progress, desc="generate", unit="row")
+        self.bar.write(f"{self.source.describe()}: {self.scan.records} prompts x {g.samples_per_prompt} "
+                       f"samples in {total_chunks} chunks; shard {self.shard} of 0..{self.nshards - 1}: "
+                       f"{len([c for c in shard_chunks if c in already])} of its {len(shard_chunks)} chunks "
+                       f"already done; world size {self.world}, device {acc.device}, "
+                       f"precision {self.precision}")
+        self.tracker = _tracker(self.cfg, self.ckpt, self.out, self.main)
+        self.counts, self.table, self._last_log = Counts(), [], time.monotonic()
+        self.decoder: Decoder | None = None  # laid out on first use: a finished job's rerun needs none
+        abandoned = False
+        # Every rank takes part in every round, so that they agree on stopping at the same round.
+        for k in range(-(-len(shard_chunks) // self.world)):
+            j = k * self.world + self.rank
+            c = shard_chunks[j] if j < len(shard_chunks) else None
+            if c is not None and c in todo and not abandoned:
+                abandoned = not self.run_chunk(c, stream.take_chunk(c, g.chunk_size), stop_requested)
+            if any_rank(acc, abandoned or stop_requested()):
+                break
+        self.bar.close()
+        acc.wait_for_everyone()
+        return self._summary(total_chunks, shard_chunks, already, t0)
+
+    def run_chunk(self, c: int, records: list[PromptRecord], stop_requested: Callable[[], bool]) -> bool:
+        """Generate and write one chunk; False if a stop request cut it short (nothing written)."""
+        g, sp = self.g, self.g.samples_per_prompt
+        if self.decoder is None:
+            fixed_rows = g.batch_size if self.acc.device.type == "cuda" else 0  # the same kernels every step
+            self.decoder = Decoder(self.model, self.tok, SamplingParams(g.temperature, g.top_k, g.top_p,
+                                                                        g.max_new_tokens),
+                                   self.acc.device, self.precision, fixed_rows)
+        encoded = [self.tok.encode(r.text) for r in records]
+        rows = [(i, s) for i in range(len(records)) for s in range(sp)]
+        order = sorted(range(len(rows)), key=lambda k: -len(encoded[rows[k][0]]))  # length-aware batches
+        results: list[Completion | None] = [None] * len(rows)
+        for b in range(0, len(order), g.batch_size):
+            batch = order[b:b + g.batch_size]
+            keys = [row_key(g.seed, records[rows[k][0]].id, rows[k][1]) for k in batch]
+            t = time.perf_counter()
+            prompts = [encoded[rows[k][0]] for k in batch]
+            done = self.decoder.generate(prompts, row_uniforms(keys, g.max_new_tokens))
+            self.counts.seconds += time.perf_counter() - t
+            for k, d in zip(batch, done, strict=True):
+                results[k] = d
+            self._progress(len(batch), sum(len(d.token_ids) for d in done))
+            if stop_requested():
+                return False
+        self._write_chunk(c, records, encoded, rows, results)
+        return True
+
+    def _write_chunk(self, c: int, records: list[PromptRecord], encoded: list[list[int]],
+                     rows: list[tuple[int, int]], results: list) -> None:
+        row_params = {k: v for k, v in sampling_dict(self.g).items() if k != "samples_per_prompt"}
+        lines = []
+        for k, (i, s) in enumerate(rows):
+            rec, ids, d = records[i], encoded[i], results[k]
+            row = {"id": rec.id, "index": rec.index, "sample": s, "prompt": rec.text,
+                   "completion": self.tok.decode(d.token_ids), "num_tokens": len(d.token_ids),
+                   "finish_reason": d.finish_reason, "prompt_tokens": len(ids),
+                   "prompt_unknown": sum(1 for t in ids if t == self.tok.unk_id), "params": row_params}
+            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+            if len(self.table) < SAMPLE_TABLE_ROWS:
+                self.table.append([str(rec.id), s, rec.text, row["completion"], d.finish_reason])
+        try:
+            fileio.atomic_write_bytes(chunk_path(self.out, c), "".join(lines).encode("utf-8"))
+        except OSError as e:
+            raise GenerationError(f"could not write {chunk_path(self.out, c)} ({first_line(e)}); the "
+                                  f"{len(done_chunks(self.out))} finished chunks in {self.out} are intact: "
+                                  "free space and run the same command again to continue") from None
+        n = self.counts
+        n.chunks += 1
+        self.tracker.log(n.rows, {"generate/new_tokens_per_s": n.speed, "generate/rows": n.rows,
+                                  "generate/new_tokens": n.new_tokens, "generate/chunks_written": n.chunks})
+        if self.bar.bar is None:
+            self.bar.write(f"chunk {c} written ({self.bar.n}/{self.bar.total} rows)")
+
+    def _progress(self, rows: int, new_tokens: int) -> None:
+        self.counts.rows += rows
+        self.counts.new_tokens += new_tokens
+        if self.bar.bar is not None:
+            self.bar.update(rows, {"tok/s": self.counts.speed}, log_line=True)
+            return
+        self.bar.n += rows
+        now = time.monotonic()
+        if now - self._last_log >= LOG_EVERY_S:
+            self._last_log = now
+            self.bar.write(f"{self.bar.n}/{self.bar.total} rows, {self.counts.speed:.0f} new tokens/s")
+
+    def _summary(self, total_chunks: int, shard_chunks: list[int], already: set[int], t0: float) -> dict:
+        acc, n = self.acc, self.counts
+        rows, new_tokens, chunks, secs = all_sum(acc, [n.rows, n.new_tokens, n.chunks, n.seconds])
+        present = done_chunks(self.out)
+        acc.end_training()  # frees the process group: a rank may exit while rank 0 still merges
+        shard_left = [c for c in shard_chunks if c not in present]
+        result = {
+            "output_dir": str(self.out), "shard": self.shard, "num_shards": self.nshards,
+            "world_size": self.world, "rank": self.rank, "chunks_total": total_chunks,
+            "shard_chunks": len(shard_chunks),
+            "chunks_done_before": len([c for c in shard_chunks if c in already]),
+            "chunks_written": int(chunks), "rows": int(rows), "new_tokens": int(new_tokens),
+            "new_tokens_per_s": round(new_tokens / secs, 1) if secs else 0.0,
+            "seconds": round(time.perf_counter() - t0, 2), "precision": self.precision,
+            "device": str(acc.device),
+            "prompts": self.scan.records, "rejected_lines": self.scan.rejected,
+            "stopped": bool(shard_left), "shard_complete": not shard_left,
+            "complete": all(c in present for c in range(total_chunks)),
+        }
+        self.tracker.summary({f"generate/{k}": v for k, v in result.items()
+                              if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        if self.table:
+            self.tracker.table("generate/samples", ["id", "sample", "prompt", "completion", "finish_reason"],
+                               self.table)
+        self.tracker.finish(0)
+        return result
 
 
 class _Peek:
+    """The records of the chunks this process does, taken one chunk at a time."""
+
     def __init__(self, it: Iterator[PromptRecord]):
         self.it, self.head = it, None
 
@@ -94,315 +292,14 @@ class _Peek:
             self.head = None
 
 
-def _open_tracker(cfg, ckpt: Path, out: Path, enabled: bool):
-    """The W&B tracker (lmcore.track.tracker), or None: tracking never stops generation."""
+def _tracker(cfg: Config, ckpt: Checkpoint, out: Path, enabled: bool) -> Tracker:
+    """The W&B tracker, linked to the training run's folder when the checkpoint is in one.
+    Tracking never stops generation: a tracker that cannot start is a no-op."""
     if not enabled:
-        return None
+        return Tracker()
+    run = RunDir.of_checkpoint(ckpt.path)
     try:
-        from lmcore.track.tracker import open_tracker
-
-        # The training run's folder (RUN/checkpoints/step_X -> RUN) links the runs in W&B.
-        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else out
-        return open_tracker(cfg, run_dir, "generate", enabled=True)
-    except Exception as e:  # a missing or broken tracking module
+        return open_tracker(cfg, run.path if run else out, "generate", enabled=True)
+    except Exception as e:  # noqa: BLE001 - whatever W&B does, the job goes on
         warnings.warn(f"tracking is off for this job ({type(e).__name__}: {e})", stacklevel=2)
-        return None
-
-
-def _track(tracker, method: str, *args) -> None:
-    if tracker is None:
-        return
-    with contextlib.suppress(Exception):
-        getattr(tracker, method)(*args)
-
-
-def generate_shard(cfg, stop_requested: Callable[[], bool] | None = None, progress: bool = True) -> dict:
-    """Generate this process's part of the job into generate.output_dir (skipping chunks
-    already written) and return counts; "stopped" is true when a stop request ended it
-    with work left (rerun the same command to finish)."""
-    from lmcore.checkpoint import load_for_inference
-    from lmcore.runtime.accelerator import make_accelerator
-
-    t_start = time.perf_counter()
-    stop_requested = stop_requested or (lambda: False)
-    g = cfg.generate
-    if not g.output_dir:
-        raise ConfigError("set generate.output_dir: the bulk generation job writes its files there")
-    if not g.prompts and g.num_samples == 0:
-        raise ConfigError("nothing to generate: set generate.prompts (a file) or generate.num_samples > 0")
-    if g.chunk_size <= 0:
-        raise ConfigError(f"config generate.chunk_size must be > 0; got {g.chunk_size}")
-    out = Path(g.output_dir)
-    shard, nshards = resolve_shard(g.num_shards, g.shard_index)
-    ckpt = ckpt_io.resolve(g.checkpoint or cfg.run.dir)
-    ckinfo = checkpoint_info(ckpt)
-    acc = make_accelerator(cfg)
-    main = acc.is_main_process
-    model, tok, _ = load_for_inference(ckpt, acc.device)  # a checkpoint that cannot load writes nothing
-    source = PromptSource(g.prompts or None, g.num_samples)
-    scan, rejects = _scan(source, g)
-    try:
-        precision = resolve_precision(g.precision, out, acc.device)
-        params = job_params(cfg, ckinfo, source, scan, precision)
-        claim_params(out, params)
-        if rejects is not None and main:
-            atomic_write(out / REJECTS_FILE, lambda tmp: shutil.copyfile(rejects, tmp))
-    finally:
-        if rejects is not None:
-            rejects.unlink(missing_ok=True)
-
-    from lmcore.runtime.lock import RunLock
-
-    lock = (RunLock(out / ".locks" / f"shard-{shard:05d}-of-{nshards:05d}", what="output folder",
-                    hint="generate.output_dir, or another shard").acquire() if main else None)
-    try:
-        return _generate(cfg, g, acc, out, ckpt, model, tok, source, scan, precision, shard, nshards,
-                         stop_requested, progress, t_start)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _generate(cfg, g, acc, out, ckpt, model, tok, source, scan, precision, shard, nshards, stop_requested,
-              progress, t_start):
-    from lmcore.runtime.accelerator import all_sum, any_rank
-    from lmcore.track.progress import Progress
-
-    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
-    sampling = SamplingParams(g.temperature, g.top_k, g.top_p, g.max_new_tokens)
-    fixed_rows = g.batch_size if acc.device.type == "cuda" else 0  # same kernels every step
-    decoder: Decoder | None = None  # laid out on first use: a finished job's rerun needs none
-    row_params = {k: v for k, v in sampling_dict(g).items() if k != "samples_per_prompt"}
-
-    cs, sp = g.chunk_size, g.samples_per_prompt
-    total_chunks = len(scan.chunk_records)
-    shard_chunks = list(range(shard, total_chunks, nshards))
-    already = done_chunks(out)
-    mine = [c for j, c in enumerate(shard_chunks) if j % world == rank]
-    todo = [c for c in mine if c not in already]
-    todo_set = set(todo)
-    stream = _Peek(source.records(lambda i: i // cs in todo_set, scan.skip))
-
-    rows_todo = sum(scan.chunk_records[c] for c in todo) * sp
-    bar = Progress(rows_todo, enabled=main and progress, desc="generate", unit="row")
-    bar.write(f"{source.describe()}: {scan.records} prompts x {sp} samples in {total_chunks} chunks; shard "
-              f"{shard} of 0..{nshards - 1}: {len([c for c in shard_chunks if c in already])} of its "
-              f"{len(shard_chunks)} chunks already done; world size {world}, device {acc.device}, "
-              f"precision {precision}")
-    tracker = _open_tracker(cfg, ckpt, out, main)
-    samples_table: list[list] = []
-    counts = {"rows": 0, "new_tokens": 0, "chunks": 0}
-    gen_seconds = 0.0
-    last_log = time.monotonic()
-    abandoned = False
-
-    def run_chunk(c: int, records: list[PromptRecord]) -> bool:
-        """Generate and write one chunk; False if a stop request cut it short."""
-        nonlocal gen_seconds, last_log, decoder
-        if decoder is None:
-            decoder = Decoder(model, tok, sampling, acc.device, precision, fixed_rows)
-        encoded = [tok.encode(r.text) for r in records]
-        rows = [(i, s) for i in range(len(records)) for s in range(sp)]
-        order = sorted(range(len(rows)), key=lambda k: -len(encoded[rows[k][0]]))  # length-aware
-        results: list = [None] * len(rows)
-        for b in range(0, len(order), g.batch_size):
-            batch = order[b:b + g.batch_size]
-            keys = [row_key(g.seed, records[rows[k][0]].id, rows[k][1]) for k in batch]
-            t0 = time.perf_counter()
-            prompts = [encoded[rows[k][0]] for k in batch]
-            done = decoder.generate(prompts, row_uniforms(keys, g.max_new_tokens))
-            dt = time.perf_counter() - t0
-            gen_seconds += dt
-            new = sum(len(d.token_ids) for d in done)
-            for k, d in zip(batch, done, strict=True):
-                results[k] = d
-            counts["rows"] += len(batch)
-            counts["new_tokens"] += new
-            now = time.monotonic()
-            speed = counts["new_tokens"] / max(gen_seconds, 1e-9)
-            if bar.bar is not None:
-                bar.update(len(batch), {"tok/s": speed}, log_line=True)
-            else:
-                bar.n += len(batch)
-                if now - last_log >= LOG_EVERY_S:
-                    last_log = now
-                    bar.write(f"{bar.n}/{bar.total} rows, {speed:.0f} new tokens/s")
-            if stop_requested():
-                return False
-        lines = []
-        unk = tok.unk_id
-        for k, (i, s) in enumerate(rows):
-            rec, ids, d = records[i], encoded[i], results[k]
-            row = {"id": rec.id, "index": rec.index, "sample": s, "prompt": rec.text,
-                   "completion": tok.decode(d.token_ids), "num_tokens": len(d.token_ids),
-                   "finish_reason": d.finish_reason, "prompt_tokens": len(ids),
-                   "prompt_unknown": sum(1 for t in ids if t == unk), "params": row_params}
-            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-            if len(samples_table) < SAMPLE_TABLE_ROWS:
-                samples_table.append([str(rec.id), s, rec.text, row["completion"], d.finish_reason])
-        try:
-            atomic_write_bytes(chunk_path(out, c), "".join(lines).encode("utf-8"))
-        except OSError as e:
-            raise GenerationError(f"could not write {chunk_path(out, c)} ({e.strerror or e}); the "
-                                  f"{len(done_chunks(out))} finished chunks in {out} are intact: free space "
-                                  "and run the same command again to continue") from None
-        counts["chunks"] += 1
-        _track(tracker, "log", counts["rows"], {
-            "generate/new_tokens_per_s": counts["new_tokens"] / max(gen_seconds, 1e-9),
-            "generate/rows": counts["rows"], "generate/new_tokens": counts["new_tokens"],
-            "generate/chunks_written": counts["chunks"]})
-        if bar.bar is None and main and progress:
-            bar.write(f"chunk {c} written ({bar.n}/{bar.total} rows)")
-        return True
-
-    rounds = -(-len(shard_chunks) // world)
-    for k in range(rounds):
-        j = k * world + rank
-        c = shard_chunks[j] if j < len(shard_chunks) else None
-        if c is not None and c in todo_set and not abandoned:
-            records = stream.take_chunk(c, cs)
-            abandoned = not run_chunk(c, records)
-        if any_rank(acc, abandoned or stop_requested()):
-            break
-    bar.close()
-    acc.wait_for_everyone()
-    rows, new_tokens, chunks, secs = all_sum(acc, [counts["rows"], counts["new_tokens"], counts["chunks"],
-                                                   gen_seconds])
-    present = done_chunks(out)
-    acc.end_training()  # frees the process group: a rank may exit while rank 0 still merges
-    shard_left = [c for c in shard_chunks if c not in present]
-    result = {
-        "output_dir": str(out), "shard": shard, "num_shards": nshards, "world_size": world, "rank": rank,
-        "chunks_total": total_chunks, "shard_chunks": len(shard_chunks),
-        "chunks_done_before": len([c for c in shard_chunks if c in already]), "chunks_written": int(chunks),
-        "rows": int(rows), "new_tokens": int(new_tokens),
-        "new_tokens_per_s": round(new_tokens / secs, 1) if secs else 0.0,
-        "seconds": round(time.perf_counter() - t_start, 2), "precision": precision, "device": str(acc.device),
-        "prompts": scan.records, "rejected_lines": scan.rejected,
-        "stopped": bool(shard_left), "shard_complete": not shard_left,
-        "complete": len(present) >= total_chunks and all(c in present for c in range(total_chunks)),
-    }
-    _track(tracker, "summary", {f"generate/{k}": v for k, v in result.items()
-                                if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    if samples_table:
-        columns = ["id", "sample", "prompt", "completion", "finish_reason"]
-        _track(tracker, "table", "generate/samples", columns, samples_table)
-    _track(tracker, "finish", 0)
-    return result
-
-
-# -- merging --------------------------------------------------------------------------------
-def merge_outputs(cfg) -> dict:
-    """Check that every chunk is there and consistent, write OUT/generations.jsonl (input
-    order) and OUT/manifest.json; return the manifest."""
-    g = cfg.generate
-    if not g.output_dir:
-        raise ConfigError("set generate.output_dir to the folder to merge")
-    out = Path(g.output_dir)
-    params = read_params(out)
-    if params is None:
-        raise GenerationError(f"no generations in {out} (no {PARAMS_FILE}); run the generate job first")
-    cs = params["chunk_size"]
-    sp = params["sampling"]["samples_per_prompt"]
-    total = params["prompts"]["chunks"]
-    present = done_chunks(out)
-    missing = [c for c in range(total) if c not in present]
-    if missing:
-        shown = ", ".join(str(c) for c in missing[:10]) + (" ..." if len(missing) > 10 else "")
-        raise GenerationError(f"{out}: {len(missing)} of {total} chunks are not written yet (chunks {shown}; "
-                              f"chunk c holds input lines c*{cs} .. (c+1)*{cs}-1); rerun the generate job "
-                              "for the shards that did not finish, then merge")
-    counts = {"prompts": 0, "rows": 0, "new_tokens": 0, "finish_eos": 0, "finish_length": 0,
-              "empty_prompts": 0, "unknown_only_prompts": 0}
-    sha = hashlib.sha256()
-    size = 0
-
-    def write(tmp: str) -> None:
-        nonlocal size
-        with open(tmp, "wb") as f:
-            for c in range(total):
-                path = chunk_path(out, c)
-                last = (-1, sp - 1)
-                with open(path, "rb") as src:
-                    for n, raw in enumerate(src, 1):
-                        try:
-                            row = json.loads(raw)
-                            key = (row["index"], row["sample"])
-                            reason = row["finish_reason"]
-                        except (ValueError, KeyError, TypeError):
-                            raise GenerationError(f"{path}:{n}: not a generation row; delete the chunk "
-                                                  "file and rerun the generate job") from None
-                        if last[1] < sp - 1:  # the next sample of the same prompt
-                            ok = key == (last[0], last[1] + 1)
-                        else:  # the first sample of a later prompt of this chunk
-                            ok = key[1] == 0 and key[0] > last[0] and key[0] // cs == c
-                        if not ok:
-                            raise GenerationError(f"{path}:{n}: row (index {key[0]}, sample {key[1]}) is out "
-                                                  "of place (duplicate, missing or foreign row); delete the "
-                                                  "chunk file and rerun the generate job")
-                        last = key
-                        counts["rows"] += 1
-                        counts["new_tokens"] += row["num_tokens"]
-                        counts["finish_eos" if reason == "eos" else "finish_length"] += 1
-                        if key[1] == 0:
-                            counts["prompts"] += 1
-                            counts["empty_prompts"] += row["prompt_tokens"] == 0
-                            only_unknown = 0 < row["prompt_tokens"] == row["prompt_unknown"]
-                            counts["unknown_only_prompts"] += only_unknown
-                        sha.update(raw)
-                        size += len(raw)
-                        f.write(raw)
-                if last[1] != sp - 1:
-                    raise GenerationError(f"{path}: the last prompt has {last[1] + 1} of {sp} samples; "
-                                          "delete the chunk file and rerun the generate job")
-
-    try:
-        atomic_write(out / MERGED_FILE, write)
-    except OSError as e:
-        raise GenerationError(f"could not write {out / MERGED_FILE} ({e.strerror or e}); the chunks in {out} "
-                              "are intact: free space and merge again") from None
-    expected = params["prompts"]["records"]
-    if counts["prompts"] != expected:
-        raise GenerationError(f"{out}: the chunks hold {counts['prompts']} prompts, the input has "
-                              f"{expected}; delete the chunks folder and rerun")
-    for p in (out / CHUNKS_DIR).glob(".chunk-*.tmp"):  # debris of killed writers
-        p.unlink(missing_ok=True)
-    files = {MERGED_FILE: {"sha256": sha.hexdigest(), "bytes": size, "rows": counts["rows"]}}
-    rejects = out / REJECTS_FILE
-    rejected = 0
-    if rejects.is_file():
-        data = rejects.read_bytes()
-        rejected = data.count(b"\n")
-        files[REJECTS_FILE] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                               "rows": rejected}
-    manifest = {
-        "format": FORMAT, "version": VERSION, "checkpoint": params["checkpoint"],
-        "prompts": params["prompts"], "sampling": params["sampling"], "precision": params["precision"],
-        "chunk_size": cs, "chunks": total,
-        "counts": {**counts, "rejected_lines": rejected}, "files": files,
-    }
-    atomic_write_json(out / MANIFEST_FILE, manifest)
-    return manifest
-
-
-def cli_generate(cfg, merge: bool) -> int:
-    """`lmcore generate` with generate.output_dir (the bulk job) or --merge. Prints one JSON
-    line on rank 0; exit status 0, or STOPPED_EXIT (3) when a stop signal ended it early."""
-    from lmcore.runtime.signals import STOPPED_EXIT, StopFlag
-
-    if merge:
-        manifest = merge_outputs(cfg)
-        out = Path(cfg.generate.output_dir)
-        print(json.dumps({"merged": str(out / MERGED_FILE), "manifest": str(out / MANIFEST_FILE),
-                          **manifest["counts"], "sha256": manifest["files"][MERGED_FILE]["sha256"]}))
-        return 0
-    with StopFlag() as stop:
-        result = generate_shard(cfg, stop_requested=stop)
-    if result["rank"] != 0:
-        return STOPPED_EXIT if result["stopped"] else 0
-    if result["complete"] and result["num_shards"] == 1:
-        manifest = merge_outputs(cfg)
-        result["merged"] = str(Path(cfg.generate.output_dir) / MERGED_FILE)
-        result["sha256"] = manifest["files"][MERGED_FILE]["sha256"]
-    print(json.dumps(result))
-    return STOPPED_EXIT if result["stopped"] else 0
+        return Tracker()

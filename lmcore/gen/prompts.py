@@ -246,7 +246,3 @@ class PromptSource:
                                 ) from None
             if rec is not None:
                 yield rec
-
-
-def open_prompts(path: str | Path | None, num_samples: int = 0) -> PromptSource:
-    return PromptSource(path, num_samples)

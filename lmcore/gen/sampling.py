@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 CHUNK = 2048  # vocabulary columns per chunk of the sampling pass (in cache while used)
 TOP_P_CANDIDATES = (64, 1024)  # nucleus search: these many top tokens first, then a full sort
@@ -67,31 +66,6 @@ def row_uniforms(keys: Sequence[int] | np.ndarray, steps: int) -> np.ndarray:
         z = z ^ (z >> np.uint64(31))
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
-
-class RowStream:
-    """The random stream owned by one (prompt, sample): the same draws in any batch or shard."""
-
-    def __init__(self, key: int):
-        self.key = key
-
-    def uniforms(self, steps: int) -> np.ndarray:
-        return row_uniforms([self.key], steps)[0]
-
-
-def row_generator(seed: int, prompt_id: int | str, sample_index: int = 0) -> RowStream:
-    return RowStream(row_key(seed, prompt_id, sample_index))
-
-
-def uniforms_from(generators: Sequence, steps: int) -> np.ndarray:
-    rows = []
-    for g in generators:
-        if isinstance(g, RowStream):
-            rows.append(g.uniforms(steps))
-        elif isinstance(g, torch.Generator):  # older callers: a seeded torch generator per row
-            rows.append(torch.rand(steps, generator=g, dtype=torch.float64).numpy())
-        else:
-            raise TypeError(f"expected RowStream or torch.Generator, got {type(g).__name__}")
-    return np.stack(rows) if rows else np.zeros((0, steps))
 
 # -- sampling from logits ---------------------------------------------------------------------
 def chunk_layout(vocab: int) -> tuple[int, int]:
@@ -209,16 +183,3 @@ def _top_p(logits: torch.Tensor, u: torch.Tensor, top_p: float, gmax: torch.Tens
         if len(rows) == 0:
             break
     return out
-
-
-def sample_next(logits: torch.Tensor, uniforms: torch.Tensor, params: SamplingParams,
-                banned: list[int]) -> torch.Tensor:
-    """One token per row from raw (B, V) logits, by inverse CDF on the given (B,) uniforms."""
-    logits = logits.detach().float().clone()
-    logits[:, banned] = float("-inf")
-    if not params.greedy and params.temperature != 1.0:
-        logits /= params.temperature
-    width, n = chunk_layout(logits.shape[1])
-    if n * width > logits.shape[1]:
-        logits = F.pad(logits, (0, n * width - logits.shape[1]), value=float("-inf"))
-    return pick_tokens(logits, uniforms, params, width)

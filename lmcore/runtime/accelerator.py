@@ -31,7 +31,7 @@ def make_accelerator(cfg: Config):
     """One Accelerator for CPU, one GPU or DDP, as the launcher (torchrun, accelerate
     launch, srun) set up the environment. On a machine without CUDA it must be told cpu=True,
     or a 2-process CPU launch silently runs two unconnected copies."""
-    os.environ.setdefault("ACCELERATE_DISABLE_RICH", "1")
+    os.environ.setdefault("ACCELERATE_DISABLE_RICH", "1")  # read when accelerate is imported, just below
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 

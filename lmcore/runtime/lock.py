@@ -1,12 +1,15 @@
 """One job per run folder: a second job pointed at the same folder refuses, clearly.
 
-An advisory `flock` on RUN/.lock, held by the main process for the whole job. The kernel
+An advisory `flock` on FOLDER/.lock, held by the main process for the whole job. The kernel
 drops it when the process dies (even by SIGKILL), so a crashed job never leaves a stale
-lock behind. The file also says who holds it, for the error message.
+lock behind. The file also says who holds it, for the error message. A folder the lock
+itself created is removed again on release if the job left nothing else in it, so a job
+refused after taking the lock leaves no empty run folder behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -14,23 +17,28 @@ import socket
 import time
 from pathlib import Path
 
-from lmcore.errors import LmcoreError
+from lmcore import fileio
+from lmcore.errors import LmcoreError, first_line
+
+LOCK_FILE = ".lock"
 
 
 class RunLock:
     def __init__(self, folder: str | Path, what: str = "run folder", hint: str = "run.dir"):
         self.folder = Path(folder)
-        self.path = self.folder / ".lock"
+        self.path = self.folder / LOCK_FILE
         self.what, self.hint = what, hint
         self._fd: int | None = None
+        self._created: list[Path] = []  # folders that did not exist before acquire()
 
     def acquire(self) -> RunLock:
+        missing = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = fileio.open_lock(self.path)
         except OSError as e:
-            raise LmcoreError(f"{self.what} {self.folder} cannot be used ({e.strerror or e}); "
-                              f"set {self.hint} to a folder") from None
+            raise LmcoreError(f"{self.what} {self.folder} cannot be used ({first_line(e)}); "
+                              f"set {self.hint} to a writable folder") from None
+        self._created = missing
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -42,22 +50,28 @@ class RunLock:
             except (ValueError, OSError):
                 pass
             os.close(fd)
-            raise LmcoreError(
-                f"{self.what} {self.folder} is in use by another job{holder}; wait for it to end, "
-                f"or use another {self.hint}"
-            ) from None
+            self._created = []
+            raise LmcoreError(f"{self.what} {self.folder} is in use by another job{holder}; wait for it to "
+                              f"end, or use another {self.hint}") from None
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
                  "slurm_job": os.environ.get("SLURM_JOB_ID", "")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(owner).encode(), 0)
+        with contextlib.suppress(OSError):  # who holds it is only for the message above
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(owner).encode(), 0)
         self._fd = fd
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        if self._fd is None:
+            return
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+        if self._created and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
+            self.path.unlink(missing_ok=True)
+            for p in self._created:  # innermost first
+                with contextlib.suppress(OSError):
+                    p.rmdir()
 
     def __enter__(self) -> RunLock:
         return self.acquire()

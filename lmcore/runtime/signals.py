@@ -11,6 +11,8 @@ import signal
 import sys
 from types import FrameType
 
+from lmcore.errors import ConfigError
+
 # Exit status of a job that stopped early on request, with a checkpoint saved. Chosen apart
 # from 0 (done), 1 (crash) and 2 (bad input) so that wrappers can requeue on it alone.
 STOPPED_EXIT = 3
@@ -18,8 +20,6 @@ STOPPED_EXIT = 3
 
 def parse_signals(names: str) -> list[signal.Signals]:
     """'USR2,TERM' -> [SIGUSR2, SIGTERM]; unknown names are a one-line error."""
-    from lmcore.errors import ConfigError
-
     out = []
     for raw in names.split(","):
         name = raw.strip().upper()

@@ -2,13 +2,16 @@
 
     lmcore submit train --cluster local --config configs/tiny.yaml        # see `lmcore submit -h`
 
-Modules: `profile` (the typed cluster profile, from configs/slurm/*.yaml), `submit` (profile ->
-submitit executor, dry runs, waiting), `entry` (what runs on the nodes: rank setup, stop
-signals, checkpoint and requeue), `ranks` (torch.distributed variables from SLURM's),
-`task` (launcher for plain sbatch scripts), `cli` (`lmcore submit`).
+    profile  Profile: where and with what resources jobs run (configs/slurm/*.yaml)
+    submit   plan, submit_plan, wait: profile + config -> submitit jobs, dry runs
+    entry    LmcoreJob: what runs on the nodes (ranks, stop signals, checkpoint, requeue)
+    env      what SLURM's environment says: ranks and rendezvous, array task, CPUs
+    cli      `lmcore submit`
 """
 
 from __future__ import annotations
+
+__all__ = ["profile", "submit", "entry", "env", "cli", "ProfileError", "SubmitError", "JobFailedError"]
 
 from lmcore.errors import LmcoreError
 

@@ -36,12 +36,15 @@ import threading
 import time
 from typing import Any
 
-from submitit.helpers import Checkpointable, DelayedSubmission
+import submitit
+from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
 
+from lmcore.config import config_from_dict
+from lmcore.runtime.signals import STOPPED_EXIT
 from lmcore.slurm import JobFailedError
+from lmcore.slurm.env import master_port, resolve_master, threads_from_slurm
 
-KINDS = ("train", "eval", "generate", "merge")
-STOPPED_EXIT = 3  # = lmcore.runtime.signals.STOPPED_EXIT (not imported: that would import torch early)
+KINDS = ("train", "eval", "generate", "merge")  # as lmcore.jobs.KINDS (not imported here: see _work)
 RANK0_LINGER_S = 10.0  # after a SIGTERM stop: how long rank 0 waits for a warning signal
 
 
@@ -102,8 +105,6 @@ class LmcoreJob(Checkpointable):
 
     # --- in the job ------------------------------------------------------------------
     def __call__(self) -> dict[str, Any] | None:
-        import submitit
-
         env = submitit.JobEnvironment()
         stale = env.paths.result_pickle  # a result from a run before a requeue must not be read
         if stale.exists():
@@ -135,24 +136,21 @@ class LmcoreJob(Checkpointable):
         if self._stopped_early():
             # Not requeued by us: SLURM cancels this job or requeues it itself (preemption).
             # Leave no result, so a client sees the job's real state, not a stale answer.
+            reason = self._stop.reason or "a stop request on another rank"
             if rank != 0:  # rank 0 requeues or ends the step (srun --kill-on-bad-exit stops us)
-                _log(f"stopped ({self._stop.reason}) with a checkpoint; waiting for rank 0 to end the job")
+                _log(f"stopped ({reason}) with a checkpoint; waiting for rank 0 to end the job")
                 time.sleep(60)
-            _log(f"stopped ({self._stop.reason}) with a checkpoint in {cfg.run.dir}; exiting with status "
+            _log(f"stopped ({reason}) with a checkpoint in {cfg.run.dir}; exiting with status "
                  f"{STOPPED_EXIT} and no result: resubmit (or let SLURM requeue) to resume")
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(STOPPED_EXIT)
-        result = self._outcome.get("result")
+        result = self._outcome["outcome"].result
         if isinstance(result, dict):
             result = {**result, "restarts": restarts}
         return result
 
     def _setup_ranks(self, env: Any, restarts: int) -> int:
-        from submitit.helpers import TorchDistributedEnvironment
-
-        from lmcore.slurm.env import master_port, resolve_master, threads_from_slurm
-
         # sbatch hands the submitting shell's environment down: overwrite, never inherit.
         # CUDA_VISIBLE_DEVICES stays as SLURM set it (all the node's GPUs of the job):
         # Accelerate picks cuda:LOCAL_RANK among them.
@@ -177,17 +175,17 @@ class LmcoreJob(Checkpointable):
         return dist.rank
 
     def _config(self):
-        from lmcore.config import config_from_dict
-        from lmcore.slurm.env import threads_from_slurm
-
         cfg = config_from_dict(self.cfg)
         if not cfg.run.threads:
             cfg.run.threads = threads_from_slurm()
         return cfg
 
     def _work(self, cfg) -> None:
+        # Imported in the worker, after _setup_ranks set OMP_NUM_THREADS: this imports torch.
+        from lmcore.jobs import run_job
+
         try:
-            self._outcome["result"] = run_kind(self.kind, cfg, self._stop)
+            self._outcome["outcome"] = run_job(self.kind, cfg, self._stop, progress=True)
         except BaseException as e:  # re-raised by the main thread
             self._outcome["error"] = e
 
@@ -195,17 +193,8 @@ class LmcoreJob(Checkpointable):
         """The work ended early on a stop request (any rank's: the ranks agree) and must be
         resumed. The job's own answer counts, not this rank's flag: another rank may have
         received the signal."""
-        result = self._outcome.get("result")
-        if not isinstance(result, dict):
-            return False
-        for key in ("stopped_early", "stopped"):  # train, generation (lmcore.gen.job)
-            if key in result:
-                return bool(result[key])
-        if "complete" in result:
-            return not result["complete"] and self._stop()
-        # A shape we do not know: if a stop was requested, assume it stopped; a rerun of a
-        # generation shard skips the finished chunks.
-        return self.kind == "generate" and self._stop()
+        outcome = self._outcome.get("outcome")
+        return outcome is not None and outcome.stopped
 
     # --- submitit's hook: rank 0, main thread, inside its warning-signal handler ------
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
@@ -232,34 +221,8 @@ class LmcoreJob(Checkpointable):
 
 def _quiet_signals() -> None:
     """Once the work is over, a late warning signal must not requeue a finished job."""
-    import submitit
-
     def ignore(signum: int, frame: Any) -> None:
         _log(f"{signal.Signals(signum).name} after the work finished: ignored")
 
     for sig in {submitit.JobEnvironment._usr_sig(), signal.SIGTERM}:
         signal.signal(sig, ignore)
-
-
-def run_kind(kind: str, cfg, stop) -> dict[str, Any] | None:
-    """The library call behind each job kind (also used by tests, without SLURM)."""
-    if kind == "train":
-        from lmcore.trainer import train
-
-        r = train(cfg, stop_requested=stop, progress=True)  # plain lines in SLURM logs
-        return {"step": r.step, "checkpoint": str(r.checkpoint) if r.checkpoint else None,
-                "val_ppl": r.val_ppl, "stopped_early": r.stopped_early, "rank": r.rank,
-                "world_size": r.world_size, "run_dir": str(r.run_dir)}
-    if kind == "eval":
-        from lmcore.evaluate import run_eval
-
-        return run_eval(cfg)
-    try:
-        from lmcore.gen import job as genjob
-    except ImportError as e:
-        raise JobFailedError(f"bulk generation needs lmcore.gen.job, missing here ({e})") from None
-    if kind == "generate":
-        return genjob.generate_shard(cfg, stop_requested=stop)
-    if kind == "merge":
-        return genjob.merge_outputs(cfg)
-    raise AssertionError(kind)

@@ -1,11 +1,12 @@
-"""torch.distributed's variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)
-from SLURM's, for one process per task: `srun` starts every rank, on every node.
+"""What SLURM's environment says about this process: its rank (torch.distributed's RANK,
+LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from SLURM's, for one process per task:
+`srun` starts every rank, on every node), its array task, its CPUs.
 
 Accelerate reads these when the Accelerator is created (lmcore.runtime.make_accelerator),
 so they must be in os.environ before that. Taking them from SLURM_PROCID and friends in
 each task (never from the batch shell, which runs on the first node only) is what keeps
 every node from thinking it is rank 0. Standard library only: the plain sbatch path
-(lmcore/slurm/task.py) works without submitit.
+(`lmcore --slurm-task`) works without submitit.
 """
 
 from __future__ import annotations
@@ -84,3 +85,24 @@ def export_for_task(environ: dict[str, str] | os._Environ = os.environ) -> dict[
     if threads:
         environ["OMP_NUM_THREADS"] = str(threads)
     return values
+
+
+def array_job_id(env: Mapping[str, str] = os.environ) -> str:
+    """The job id of this task's array ("" outside an array)."""
+    return env.get("SLURM_ARRAY_JOB_ID", "")
+
+
+def array_task(env: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
+    """(index from 0, number of tasks) of this array task, or None outside an array. An array
+    such as --array=4-10:2 has its ids mapped to 0, 1, 2, 3."""
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        return None
+
+    def number(name: str, default: int) -> int:
+        try:
+            return int(env.get(name, "") or default)
+        except ValueError:
+            return default
+
+    first, step = number("SLURM_ARRAY_TASK_MIN", 0), max(number("SLURM_ARRAY_TASK_STEP", 1), 1)
+    return (number("SLURM_ARRAY_TASK_ID", 0) - first) // step, number("SLURM_ARRAY_TASK_COUNT", 1)

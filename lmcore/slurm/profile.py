@@ -14,7 +14,6 @@ commands by design (they are the profile author's own commands, like a job scrip
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 import signal
 import typing
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmcore.config import read_yaml
+from lmcore.schema import Reader, Value, read_yaml, setting, walk
 from lmcore.slurm import ProfileError
 
 # Per-job resources: the top level of a profile sets them for every job; the optional
@@ -63,42 +62,63 @@ class Resources:
 
 
 @dataclass
+class ResourceOverrides:
+    """Resources of one job kind that differ from the profile's top level (unset: the same)."""
+
+    nodes: int | None = setting(None, "nodes", ge=1)
+    tasks_per_node: int | None = setting(None, "tasks per node", ge=0)
+    gpus_per_node: int | None = setting(None, "GPUs per node", ge=0)
+    cpus_per_task: int | None = setting(None, "CPUs per task", ge=1)
+    mem_gb: float | None = setting(None, "memory per node in GB", ge=0.0)
+    time: str | None = setting(None, "time limit")
+
+    def given(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass
 class Profile:
-    partition: str = ""  # "" = the cluster's default partition
-    account: str = ""
-    qos: str = ""
-    nodes: int = 1
-    tasks_per_node: int = 0
-    gpus_per_node: int = 0
-    cpus_per_task: int = 1
-    mem_gb: float = 0.0
-    time: str = "01:00:00"
-    constraint: str = ""
-    exclude: str = ""
-    sbatch: dict[str, Any] = field(default_factory=dict)  # more `#SBATCH --KEY=VALUE` (true: a flag)
-    modules: list[str] = field(default_factory=list)  # `module load` each
-    venv: str = ""  # activate this virtualenv on the nodes (and use its python)
-    conda_env: str = ""  # or this conda environment
-    env: dict[str, Any] = field(default_factory=dict)  # exported on the nodes, values quoted
-    setup: list[str] = field(default_factory=list)  # raw shell lines, run before the job starts
-    python: str = ""  # python command on the nodes; "" = the venv's, or the submitting interpreter
-    log_dir: str = "slurm_logs"  # submitit's folder: logs, pickles; one subfolder per job id
-    job_name: str = "lmcore"  # jobs are named JOB_NAME-KIND
-    signal: str = "USR2"  # warning signal before the time limit (the job checkpoints + requeues)
-    signal_delay_s: int = 90  # sent this long before the time limit
-    max_requeues: int = 3  # a job requeues itself at most this often (preemption or time limit)
-    array_parallelism: int = 0  # generation shards running at once; 0 = all
-    eval: dict[str, Any] = field(default_factory=dict)  # resource overrides for eval jobs
-    generate: dict[str, Any] = field(default_factory=dict)  # ... and for generation shards
-    name: str = ""  # set from the file name by load_profile
-    source: str = ""  # the file it came from
+    """Where and with what resources jobs run: one file in configs/slurm/ (see local.yaml and
+    gpu_example.yaml). Every key is documented once, here."""
+
+    partition: str = setting("", "SLURM partition; '' = the cluster's default")
+    account: str = setting("", "account to charge")
+    qos: str = setting("", "quality of service")
+    nodes: int = setting(1, "nodes per training/eval job", ge=1)
+    tasks_per_node: int = setting(0, "tasks (= DDP ranks) per node; 0 = one per GPU, or 1 on CPU nodes", ge=0)
+    gpus_per_node: int = setting(0, "GPUs per node", ge=0)
+    cpus_per_task: int = setting(1, "CPUs per task, also each rank's torch threads", ge=1)
+    mem_gb: float = setting(0.0, "memory per node in GB; 0 = the cluster's default", ge=0.0)
+    time: str = setting("01:00:00", "time limit: MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+    constraint: str = setting("", "node features, e.g. a100")
+    exclude: str = setting("", "nodes to avoid, e.g. node[013-014]")
+    sbatch: dict[str, Any] = setting(help="more '#SBATCH --KEY=VALUE' lines (true: a bare flag)",
+                                     factory=dict)
+    modules: list[str] = setting(help="'module load' each", factory=list)
+    venv: str = setting("", "activate this virtualenv on the nodes (and use its python)")
+    conda_env: str = setting("", "or this conda environment")
+    env: dict[str, Any] = setting(help="variables exported on the nodes (values quoted)", factory=dict)
+    setup: list[str] = setting(help="raw shell lines run before the job starts (your own commands)",
+                               factory=list)
+    python: str = setting("", "python command on the nodes; '' = the venv's, or the submitting interpreter")
+    log_dir: str = setting("slurm_logs", "submitit's folder: logs and pickles, one subfolder per job id")
+    job_name: str = setting("lmcore", "jobs are named JOB_NAME-KIND")
+    signal: str = setting("USR2", "warning signal before the time limit: the job checkpoints and requeues")
+    signal_delay_s: int = setting(90, "the warning signal comes this long before the time limit", ge=0)
+    max_requeues: int = setting(3, "a job requeues itself at most this often", ge=0)
+    array_parallelism: int = setting(0, "generation shards running at once; 0 = all", ge=0)
+    eval: ResourceOverrides = setting(help="resources of eval jobs", factory=ResourceOverrides)
+    generate: ResourceOverrides = setting(help="resources of each generation shard (1 node, 1 task)",
+                                          factory=ResourceOverrides)
+    name: str = field(default="", init=False)  # set by load_profile: the name or path given
+    source: str = field(default="", init=False)  # the file it came from
 
     def resources(self, kind: str) -> Resources:
         base = {k: getattr(self, k) for k in RESOURCE_KEYS}
         if kind == "generate":  # a shard is one process: one node, one task, at most one GPU
             base.update(nodes=1, tasks_per_node=1, gpus_per_node=min(1, self.gpus_per_node))
-        section = {"eval": self.eval, "generate": self.generate}.get(kind, {})
-        return Resources(**{**base, **section})
+        section = {"eval": self.eval, "generate": self.generate}.get(kind)
+        return Resources(**{**base, **(section.given() if section else {})})
 
 
 def parse_time(text: str) -> int:
@@ -146,75 +166,52 @@ def check_sbatch_value(where: str, name: str, value: str) -> None:
                            f"sbatch cannot quote reliably); got {value!r}")
 
 
-def _coerce(profile: str, name: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            _fail(profile, f"{name} must be a list; got {value!r}")
-        return [_coerce(profile, f"{name}[{i}]", v, str) for i, v in enumerate(value)]
-    if origin is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            _fail(profile, f"{name} must be a mapping; got {value!r}")
-        out = {}
-        for k, v in value.items():
-            key = _check_text(profile, f"{name} key", str(k))
-            if isinstance(v, (dict, list)) or v is None:
-                _fail(profile, f"{name}.{key} must be a single value; got {v!r}")
-            out[key] = _check_text(profile, f"{name}.{key}", v) if isinstance(v, str) else v
-        return out
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        _fail(profile, f"{name} must be an integer; got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        _fail(profile, f"{name} must be a number; got {value!r}")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return _check_text(profile, name, str(value))
-        _fail(profile, f"{name} must be a string; got {value!r}")
-    raise AssertionError(tp)
-
-
-def _unknown(profile: str, key: str, where: str, valid: list[str]) -> typing.NoReturn:
-    hint = difflib.get_close_matches(key, valid, n=1)
-    did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
-    _fail(profile, f"unknown key '{where}{key}'{did_you_mean}; valid keys: {', '.join(valid)}")
-
-
-def profile_from_dict(values: dict[str, Any], name: str = "<dict>", source: str = "") -> Profile:
-    hints = typing.get_type_hints(Profile)
-    valid = [f.name for f in dataclasses.fields(Profile) if f.name not in ("name", "source")]
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        if key not in valid:
-            _unknown(name, str(key), "", valid)
-        kwargs[key] = _coerce(name, key, value, hints[key])
-    for section in ("eval", "generate"):
-        for key, value in kwargs.get(section, {}).items():
-            if key not in RESOURCE_KEYS:
-                _unknown(name, key, f"{section}.", list(RESOURCE_KEYS))
-            kwargs[section][key] = _coerce(name, f"{section}.{key}", value, hints[key])
-    profile = Profile(**kwargs, name=name, source=source)
+def profile_from_dict(values: dict[str, Any] | Value, name: str = "<dict>", source: str = "") -> Profile:
+    tree = values if isinstance(values, Value) else Value.of(values)
+    reader = Reader(lambda key: f"cluster profile {name}: {key}".rstrip(": "),
+                    lambda key: f"cluster profile {name}: unknown key '{key}'", ProfileError)
+    profile = reader.build(Profile, tree)
+    profile.name, profile.source = name, source
     validate(profile)
     return profile
 
 
 def validate(p: Profile) -> None:
+    """What the field types cannot say: one-line strings, SLURM's formats, sbatch's quoting."""
+    _check_texts(p)
+    _check_times(p)
+    if p.generate.nodes not in (None, 1) or p.generate.tasks_per_node not in (None, 0, 1):
+        _fail(p.name, "generate.nodes and generate.tasks_per_node must be 1: a generation shard is "
+                      "one process (use more shards instead)")
+    name = p.signal.strip().upper()
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP"):
+        _fail(p.name, f"signal {p.signal!r} is not a signal a job can catch; use USR2 (default), USR1, TERM")
+    p.signal = name[3:]
+    if p.venv and p.conda_env:
+        _fail(p.name, "set venv or conda_env, not both")
+    _check_sbatch(p)
+    for key in p.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            _fail(p.name, f"env key {key!r} is not an environment variable name")
+
+
+def _check_texts(p: Profile) -> None:
+    for name, value, _ in walk(p):
+        for i, text in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(text, str):
+                _check_text(p.name, f"{name}[{i}]" if isinstance(value, list) else name, text)
+    for section in ("sbatch", "env"):
+        for key, value in getattr(p, section).items():
+            _check_text(p.name, f"{section} key", key)
+            if isinstance(value, str):
+                _check_text(p.name, f"{section}.{key}", value)
+
+
+def _check_times(p: Profile) -> None:
     for kind in ("train", "eval", "generate"):
         r = p.resources(kind)
         where = "" if kind == "train" else f"{kind}."
-        for key in ("nodes", "cpus_per_task"):
-            if getattr(r, key) < 1:
-                _fail(p.name, f"{where}{key} must be >= 1; got {getattr(r, key)}")
-        for key in ("tasks_per_node", "gpus_per_node", "mem_gb"):
-            if getattr(r, key) < 0:
-                _fail(p.name, f"{where}{key} must be >= 0; got {getattr(r, key)}")
         try:
             minutes = r.time_min
         except ValueError:
@@ -223,19 +220,9 @@ def validate(p: Profile) -> None:
         if minutes * 60 <= p.signal_delay_s:
             _fail(p.name, f"{where}time {r.time} is not longer than signal_delay_s={p.signal_delay_s}: "
                           "the warning signal would come before the job starts")
-    if p.generate.get("nodes", 1) != 1 or p.generate.get("tasks_per_node", 1) not in (0, 1):
-        _fail(p.name, "generate.nodes and generate.tasks_per_node must be 1: a generation shard is "
-                      "one process (use more shards instead)")
-    name = p.signal.strip().upper()
-    name = name if name.startswith("SIG") else f"SIG{name}"
-    if name not in signal.Signals.__members__ or name in ("SIGKILL", "SIGSTOP"):
-        _fail(p.name, f"signal {p.signal!r} is not a signal a job can catch; use USR2 (default), USR1, TERM")
-    p.signal = name[3:]
-    for key in ("signal_delay_s", "max_requeues", "array_parallelism"):
-        if getattr(p, key) < 0:
-            _fail(p.name, f"{key} must be >= 0; got {getattr(p, key)}")
-    if p.venv and p.conda_env:
-        _fail(p.name, "set venv or conda_env, not both")
+
+
+def _check_sbatch(p: Profile) -> None:
     for key in SBATCH_VALUE_KEYS:
         check_sbatch_value(f"cluster profile {p.name}", key, getattr(p, key))
     for key, value in p.sbatch.items():
@@ -249,9 +236,6 @@ def validate(p: Profile) -> None:
                           f"{MANAGED_SBATCH[flag]}")
         if value is False:
             _fail(p.name, f"sbatch.{key}: false is not an sbatch value; remove the key to leave it unset")
-    for key in p.env:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            _fail(p.name, f"env key {key!r} is not an environment variable name")
 
 
 def profile_dirs() -> list[Path]:
@@ -281,6 +265,5 @@ def find_profile(spec: str) -> Path:
 
 def load_profile(spec: str) -> Profile:
     path = find_profile(spec)
-    data = read_yaml(path, what="cluster profile", error=ProfileError,
-                     example="a mapping of keys, e.g. 'partition: gpu'")
-    return profile_from_dict(data, name=spec, source=str(path))
+    tree = read_yaml(path, what="cluster profile", error=ProfileError)
+    return profile_from_dict(tree, name=spec, source=str(path))

@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from submitit import SlurmExecutor
+from submitit.core.utils import UncompletedJobError
+from submitit.slurm.slurm import _make_sbatch_string
+
 from lmcore.slurm import JobFailedError, SubmitError
 from lmcore.slurm.entry import LmcoreJob
 from lmcore.slurm.profile import Profile
@@ -172,8 +176,6 @@ def plan(kind: str, profile: Profile, cfg, shards: int = 0) -> list[JobSpec]:
 
 def dry_run_text(specs: list[JobSpec], profile: Profile, summary: str = "") -> str:
     """Each script as sbatch would get it; dependencies on jobs not yet submitted shown by name."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
     folder = log_folder(profile)
     command = " ".join([python_command(profile), "-u -m submitit.core._submit", shlex.quote(str(folder))])
     parts = []
@@ -219,8 +221,6 @@ def make_executor(profile: Profile, params: dict[str, Any]):
     if shutil.which("sbatch") is None or shutil.which("srun") is None:
         raise SubmitError("sbatch/srun not found: run this on a SLURM login node (or use --dry-run to see "
                           "the script)")
-    from submitit import SlurmExecutor
-
     ex = SlurmExecutor(folder=log_folder(profile), max_num_timeout=profile.max_requeues,
                        python=python_command(profile))
     ex.update_parameters(**params)
@@ -274,8 +274,6 @@ def wait(sub: Submitted, timeout_s: float, poll_s: float = 2.0) -> list[Any]:
     """Results of a submitted job (one per task, or per array task), never waiting past
     timeout_s. A job that ended without a result (cancelled, failed, timed out) raises
     JobFailedError in one line naming its state and the log to read."""
-    from submitit.core.utils import UncompletedJobError
-
     deadline = time.monotonic() + timeout_s
     results = []
     for job in sub.jobs:

@@ -9,15 +9,12 @@ written first, so a W&B problem can never cost a row here.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from lmcore.fileio import atomic_write_text
-
-if TYPE_CHECKING:
-    from lmcore.track.tracker import Tracker
+from lmcore import fileio
+from lmcore.track.tracker import Tracker
 
 
 class MetricsLog:
@@ -28,20 +25,17 @@ class MetricsLog:
         self.tracker = tracker
         if not enabled:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        fileio.make_dir(path.parent)
         if path.exists():
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
                     if _step_of(line) is not None and _step_of(line) <= resume_step]
-            atomic_write_text(path, "".join(line + "\n" for line in kept))
+            fileio.atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
         row = {"step": step, "time": round(time.time(), 3), **values}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        fileio.append_line(self.path, json.dumps(row))
         if self.tracker is not None:
             self.tracker.log(step, values)
 

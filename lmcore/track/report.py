@@ -18,8 +18,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lmcore.errors import LmcoreError
-from lmcore.fileio import atomic_write, atomic_write_text
+from lmcore import fileio
+from lmcore.errors import LmcoreError, first_line
+from lmcore.rundir import RunDir
 from lmcore.track.metrics import read_metrics
 
 TRAIN_COLOR, VAL_COLOR = "#1f77b4", "#d62728"
@@ -28,7 +29,7 @@ TRAIN_COLOR, VAL_COLOR = "#1f77b4", "#d62728"
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> str:
     """Draw the PNGs and write report.md; returns the path of report.md."""
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         hint = " (no such folder)" if not run_dir.exists() else ""
         raise LmcoreError(f"{run_dir}{hint} has no metrics.jsonl; pass a run folder that a training "
@@ -36,28 +37,27 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     try:
         rows = [r for r in read_metrics(path, tolerant=True) if isinstance(r.get("step"), int)]
     except (OSError, UnicodeDecodeError) as e:
-        raise LmcoreError(f"cannot read {path}: {e}") from None
+        raise LmcoreError(f"cannot read {path} ({first_line(e)}); pass a run folder whose metrics.jsonl is "
+                          "readable") from None
     if not rows:
         raise LmcoreError(f"{path} has no metrics rows yet; train for at least train.log_interval steps "
                           "and try again")
-    out_dir = Path(out) if out else run_dir / "report"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LmcoreError(f"cannot create the report folder {out_dir} ({e.strerror}); pass --out "
-                          "with a writable folder") from None
-
+    out_dir = Path(out) if out else RunDir(run_dir).report
     data = _Series(rows)
-    images = []
-    for name, draw in (("loss.png", _draw_loss), ("perplexity.png", _draw_ppl),
-                       ("training.png", _draw_training)):
-        fig = draw(data)
-        if fig is not None:
-            _save(fig, out_dir / name)
-            images.append(name)
-    text = _summary_markdown(run_dir, data, images)
-    report = out_dir / "report.md"
-    atomic_write_text(report, text)
+    try:
+        fileio.make_dir(out_dir)
+        images = []
+        for name, draw in (("loss.png", _draw_loss), ("perplexity.png", _draw_ppl),
+                           ("training.png", _draw_training)):
+            fig = draw(data)
+            if fig is not None:
+                fileio.atomic_write(out_dir / name, lambda f, fig=fig: fig.savefig(f, format="png"))
+                images.append(name)
+        report = out_dir / "report.md"
+        fileio.atomic_write_text(report, _summary_markdown(run_dir, data, images))
+    except OSError as e:
+        raise LmcoreError(f"cannot write the report in {out_dir} ({first_line(e)}); free space, or pass "
+                          "--out with a writable folder") from None
     return str(report)
 
 
@@ -181,10 +181,6 @@ def _draw_training(data: _Series):
     return fig
 
 
-def _save(fig, path: Path) -> None:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-
-
 # --- summary --------------------------------------------------------------------------
 
 
@@ -259,7 +255,7 @@ def _summary_markdown(run_dir: Path, data: _Series, images: list[str]) -> str:
 def _eval_results(run_dir: Path) -> list[tuple[str, str, dict]]:
     """eval_SPLIT.json files that `lmcore eval` left beside the run's checkpoints."""
     found = []
-    for path in sorted((run_dir / "checkpoints").glob("step_*/eval_*.json")):
+    for path in sorted(RunDir(run_dir).checkpoints.glob("step_*/eval_*.json")):
         try:
             res = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):

@@ -1,0 +1,5 @@
+"""`python -m lmcore ...` is `lmcore ...`."""
+
+from lmcore.cli import main
+
+main()

@@ -1,0 +1,27 @@
+"""A few completions printed as lines: `lmcore generate --prompt TEXT` without an output folder."""
+
+from __future__ import annotations
+
+from lmcore.checkpoint import resolve
+from lmcore.config import Config
+from lmcore.gen.decoder import Decoder, auto_precision
+from lmcore.gen.prompts import PromptSource
+from lmcore.gen.sampling import SamplingParams, row_key, row_uniforms
+
+
+def preview(cfg: Config, prompt_texts: list[str] | None = None) -> list[str]:
+    """Completions of the given texts, else of generate.prompts' first lines, else
+    generate.num_samples unconditional ones: 'PROMPT >>> COMPLETION' per line."""
+    g = cfg.generate
+    model, tok = resolve(g.checkpoint or cfg.run.dir).build_model()
+    texts = list(prompt_texts or [])
+    if not texts and g.prompts:
+        texts = [r.text for r in PromptSource(g.prompts).records()]
+    if not texts:
+        texts = [""] * g.num_samples
+    precision = g.precision if g.precision != "auto" else auto_precision("cpu")
+    decoder = Decoder(model, tok, SamplingParams(g.temperature, g.top_k, g.top_p, g.max_new_tokens),
+                      precision=precision)
+    uniforms = row_uniforms([row_key(g.seed, i) for i in range(len(texts))], max(g.max_new_tokens, 1))
+    done = decoder.generate([tok.encode(t) for t in texts], uniforms)
+    return [f"{t} >>> {tok.decode(c.token_ids)}".strip() for t, c in zip(texts, done, strict=True)]

@@ -1,0 +1,65 @@
+"""A run folder's layout, in one place: every module asks RunDir where a file goes.
+
+    RUN/
+      config.yaml       the resolved config of the last training job here
+      tokenizer.json    the vocabulary
+      metrics.jsonl     every logged figure (lmcore.track.metrics)
+      wandb_run.json    the W&B run id, kept across requeues (lmcore.track.wandb_init)
+      wandb/            W&B's own files (unless tracking.dir says otherwise)
+      report/           what `lmcore report` draws
+      checkpoints/step_XXXXXXXX/   one folder per checkpoint (lmcore.checkpoint)
+      .lock             held by the job writing here (lmcore.runtime.lock)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+CHECKPOINTS = "checkpoints"
+STEP_PREFIX = "step_"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    def __init__(self, path: str | Path):
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / "tokenizer.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def wandb_state(self) -> Path:
+        return self.path / "wandb_run.json"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def step_dir(self, step: int) -> Path:
+        return self.checkpoints / step_dir_name(step)
+
+    @classmethod
+    def of_checkpoint(cls, ckpt: Path) -> RunDir | None:
+        """The run folder a checkpoint folder belongs to (RUN/checkpoints/step_X -> RUN)."""
+        ckpt = Path(ckpt)
+        return cls(ckpt.parent.parent) if ckpt.parent.name == CHECKPOINTS else None
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
