@@ -15,7 +15,6 @@ from typing import Any, Literal
 import yaml
 
 from lmcore.errors import ConfigError
-from lmcore.fileio import atomic_write_text
 from lmcore.schema import Reader, Value, read_yaml, set_path, setting, where_of
 
 
@@ -216,7 +215,3 @@ def _finish(tree: Value) -> Config:
 
 def _not_a_section(key: str) -> None:
     raise ConfigError(f"config key '{key}' is a value, not a section")
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    atomic_write_text(path, cfg.to_yaml())

@@ -75,11 +75,6 @@ class LSTMLM(nn.Module):
         """What a checkpoint must match to be loaded into this model."""
         return {"vocab_size": self.vocab_size, **asdict(self.cfg)}
 
-    def initial_state(self, batch_size: int, device: torch.device | None = None) -> State:
-        shape = (self.cfg.num_layers, batch_size, self.cfg.hidden_dim)
-        z = torch.zeros(shape, device=device)
-        return z, z.clone()
-
     def features(self, input_ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         x = self.dropout(self.embedding(input_ids))
         h, state = self.lstm(x, state)

@@ -30,7 +30,7 @@ from typing import IO
 
 import numpy as np
 
-from lmcore.errors import DataError
+from lmcore.errors import DataError, first_line
 from lmcore.fileio import sha256_file
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -102,7 +102,7 @@ class PromptSource:
         try:
             return gzip.open(self.path, "rb") if self.path.name.endswith(".gz") else open(self.path, "rb")
         except OSError as e:
-            raise DataError(f"cannot read prompts file {self.path}: {e.strerror or e}") from None
+            raise DataError(f"cannot read prompts file {self.path}: {first_line(e)}") from None
 
     def _raw_lines(self) -> Iterator[tuple[int, bytes]]:
         """(0-based index, raw bytes) of every line, newline included."""

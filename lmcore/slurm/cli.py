@@ -13,7 +13,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from lmcore.slurm import JobFailedError
+from lmcore.slurm import JobFailedError, SubmitError
 
 EPILOG = """\
 examples:
@@ -66,11 +66,9 @@ def main(argv: Sequence[str]) -> int:
     if args.shards < 0:
         parser.error("--shards must be >= 0")
 
-    try:
+    try:  # here rather than at the top: a missing submitit is one clear line, not an ImportError
         import submitit  # noqa: F401
     except ImportError:
-        from lmcore.slurm import SubmitError
-
         raise SubmitError("lmcore submit needs submitit: pip install 'lmcore[slurm]'") from None
     from lmcore.config import load_config
     from lmcore.slurm.profile import load_profile

@@ -160,7 +160,7 @@ class LmcoreJob(Checkpointable):
         threads = threads_from_slurm()
         if threads:
             os.environ["OMP_NUM_THREADS"] = str(threads)  # before torch's first import, below
-        import torch
+        import torch  # deferred: OMP_NUM_THREADS (just above) must be set before torch is imported
 
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if gpus and gpus <= dist.local_rank:

@@ -105,7 +105,8 @@ def _finite(v: Any) -> bool:
 
 
 def _figure(ncols: int, width: float = 6.0, height: float = 4.2):
-    from matplotlib.figure import Figure  # Agg via savefig; never pyplot, never a display
+    # deferred: matplotlib is optional and slow to import; Agg via savefig, never pyplot, never a display
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width * ncols, height), dpi=100, layout="constrained")
     axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]

@@ -61,10 +61,6 @@ class Tracker:
         self._current = -1  # last step sent by this job
         self._state_warned = False
 
-    @property
-    def active(self) -> bool:
-        return self._run is not None
-
     def log(self, step: int, values: dict[str, Any]) -> None:
         """Send one metrics row at the global optimizer step (see the module docstring)."""
         if self._run is None or step <= self._floor or step < self._current:
@@ -97,7 +93,7 @@ class Tracker:
         if self._run is None:
             return
         try:
-            import wandb
+            import wandb  # deferred, as everywhere: optional, and a second to import
 
             data = [[_cell(v) for v in row] for row in rows[:TABLE_MAX_ROWS]]
             table = wandb.Table(columns=list(columns), data=data)
@@ -151,7 +147,7 @@ class Tracker:
         except OSError as e:
             if not self._state_warned:
                 self._state_warned = True
-                warnings.warn(f"could not write {self._state_path} ({e.strerror or e}); a requeued job "
+                warnings.warn(f"could not write {self._state_path} ({first_line(e)}); a requeued job "
                               "may start a new W&B run", stacklevel=4)
 
 
@@ -184,7 +180,7 @@ def teardown_quietly() -> None:
     if "wandb" not in sys.modules:
         return
     try:
-        import wandb
+        import wandb  # deferred, as everywhere: optional, and a second to import
 
         wandb.teardown()
     except Exception:

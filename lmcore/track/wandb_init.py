@@ -125,7 +125,7 @@ def _base_url() -> str:
     if os.environ.get("WANDB_BASE_URL"):
         return os.environ["WANDB_BASE_URL"]
     try:
-        import wandb
+        import wandb  # deferred, as everywhere: optional, and a second to import
 
         return str(wandb.Settings().base_url)
     except Exception:
