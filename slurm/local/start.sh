@@ -180,6 +180,23 @@ make_dirs() {
     rm -f "${run_dir}"/*.pid
 }
 
+# A state folder made with another ClusterName (the single-node slurm/local of before
+# named its cluster lmcore): slurmctld would refuse its job state ("CLUSTER NAME MISMATCH"),
+# so that state is moved aside; the stand-in sacct's link of then goes.
+retire_old_state() {
+    local file="${state_dir}/state/clustername" old aside
+    if [[ -L "${state_dir}/bin/sacct" ]]; then
+        rm -f "${state_dir}/bin/sacct"
+        rmdir "${state_dir}/bin" 2>/dev/null || true
+    fi
+    [[ -s "${file}" ]] || return 0
+    old="$(tr -dc 'A-Za-z0-9_-' <"${file}")"
+    [[ "${old}" != "${cluster_name}" ]] || return 0
+    aside="${state_dir}/state.${old}.$(date +%Y%m%d%H%M%S)"
+    mv "${state_dir}/state" "${aside}"
+    log "the job state in ${state_dir}/state was cluster '${old}'s; moved it to ${aside}"
+}
+
 # What stop.sh (and a later start.sh) reads: the names, addresses and ports used now.
 write_cluster_env() {
     local var
@@ -466,6 +483,7 @@ wait_for_cluster() {
 
 # --- main ----------------------------------------------------------------------------
 node_resources
+retire_old_state
 make_dirs
 trap 'fail "command failed (line ${LINENO}): ${BASH_COMMAND}"' ERR
 write_cluster_env

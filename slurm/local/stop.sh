@@ -74,10 +74,11 @@ cancel_jobs() {
     done
 }
 
-# The slurmd daemons with a PID file (any number of nodes).
+# The slurmd daemons with a PID file (any number of nodes; slurmd.pid: the single-node
+# cluster of before).
 slurmd_names() {
     local f
-    for f in "${run_dir}"/slurmd-*.pid; do
+    for f in "${run_dir}"/slurmd.pid "${run_dir}"/slurmd-*.pid; do
         [[ -e "${f}" ]] && basename "${f}" .pid
     done
     return 0
