@@ -89,6 +89,10 @@ for cmd in munged mungekey slurmctld slurmd slurmdbd sacctmgr scontrol sinfo mar
         die "'${cmd}' not found; run slurm/local/install.sh first (as root)"
 done
 [[ "$(id -u)" -eq 0 ]] || die "must run as root (namespaces, and slurmd launches the jobs)"
+# A container's root may lack them: bridge/veths/namespaces, and the hosts bind mounts.
+cap_eff="$((16#$(sed -n 's/^CapEff:[[:space:]]*//p' /proc/self/status)))"
+(((cap_eff >> 12) & 1)) || die "needs CAP_NET_ADMIN (bridge, veths, network namespaces)"
+(((cap_eff >> 21) & 1)) || die "needs CAP_SYS_ADMIN (namespaces, bind mounts)"
 
 conf_dir="${state_dir}/etc"
 conf="${conf_dir}/slurm.conf"
