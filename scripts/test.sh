@@ -2,11 +2,14 @@
 # The test suite, from a fresh machine: install, lint, start the local SLURM cluster
 # (slurm/local/) where possible, pytest, stop the cluster again. Extra arguments go to pytest.
 #
-# The SLURM integration tests (tests/test_slurm_cluster.py) need that cluster, which needs
-# root and apt-get. Without them the tests are skipped with the reason -- except in CI
-# (CI=true), where a cluster that cannot start fails the run at once.
+# The SLURM integration tests (tests/test_slurm_cluster.py, tests/test_local_cluster.py) need
+# that cluster (2 nodes in network namespaces, slurmdbd + MariaDB), which needs root and
+# apt-get. Without them the tests are skipped with the reason -- except in CI (CI=true),
+# where a cluster that cannot start fails the run at once.
 #   LMCORE_SLURM_DIR=path   the cluster's state folder (default /tmp/lmcore-slurm)
 #   LMCORE_SLURM_TESTS=off  do not install/start a cluster (the SLURM tests then skip; not in CI)
+#   LMCORE_SLURM_GRACE_TIME preemption grace time of the cluster started here (default 10 s
+#                           here, 30 s in start.sh: the preemption test waits it out)
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -17,6 +20,7 @@ venv="${LMCORE_VENV:-$repo/.venv}"
 in_ci=false
 case "${CI:-}" in true | TRUE | True | 1 | yes) in_ci=true ;; esac
 export LMCORE_SLURM_DIR="${LMCORE_SLURM_DIR:-/tmp/lmcore-slurm}"
+export LMCORE_SLURM_GRACE_TIME="${LMCORE_SLURM_GRACE_TIME:-10}"
 slurm_fail() {
     if [ "$in_ci" = true ]; then
         echo "scripts/test.sh: error: the SLURM integration tests cannot run in CI: $*" >&2

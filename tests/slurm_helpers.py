@@ -23,9 +23,9 @@ SMALL = ["data.source=sample", "model.embedding_dim=32", "model.hidden_dim=32", 
 
 
 def cluster_env() -> dict[str, str]:
-    """What `source STATE_DIR/env.sh` sets: the config and the sacct stand-in on PATH."""
-    return {"SLURM_CONF": str(STATE_DIR / "etc" / "slurm.conf"),
-            "PATH": f"{STATE_DIR / 'bin'}:{os.environ.get('PATH', '')}"}
+    """What `source STATE_DIR/env.sh` sets: the config (the client commands, the real sacct
+    included, find slurmctld and slurmdbd through it)."""
+    return {"SLURM_CONF": str(STATE_DIR / "etc" / "slurm.conf")}
 
 
 def cluster_problem() -> str | None:
@@ -42,17 +42,34 @@ def cluster_problem() -> str | None:
     if "is UP" not in ping.stdout:
         return f"slurmctld of {STATE_DIR} is not up ({ping.stdout.strip() or ping.stderr.strip()}); " \
                "run slurm/local/start.sh"
+    # submitit reads job states with sacct: without slurmdbd it sees every job as UNKNOWN.
+    try:
+        acct = subprocess.run(["sacct", "-n", "-X", "-j", "1", "-o", "JobID"], env=env, capture_output=True,
+                              text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"sacct failed: {e}"
+    if acct.returncode != 0:
+        return f"sacct of {STATE_DIR} does not answer ({acct.stderr.strip()}); is its slurmdbd up?"
     return None
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def skip_or_fail(problem: str | None, what: str = "no local SLURM cluster") -> None:
+    """Nothing when problem is None; else skip, but in CI (CI=true) fail: the SLURM tests
+    must run there."""
+    if problem is None:
+        return
+    if in_ci():
+        pytest.fail(f"SLURM integration tests cannot run in CI: {problem}", pytrace=False)
+    pytest.skip(f"{what}: {problem}")
 
 
 def require_cluster() -> None:
     """Skip without a cluster, but in CI (CI=true) fail: the SLURM tests must run there."""
-    problem = cluster_problem()
-    if problem is None:
-        return
-    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
-        pytest.fail(f"SLURM integration tests cannot run in CI: {problem}", pytrace=False)
-    pytest.skip(f"no local SLURM cluster: {problem}")
+    skip_or_fail(cluster_problem())
 
 
 def local_profile(tmp_path: Path, **values) -> Profile:

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Install the Debian packages of a local single-node SLURM cluster (slurmctld, slurmd,
-# the client commands and munge). Idempotent: does nothing when they are all installed.
-# Runs `apt-get update` only when the install fails without it. Needs root.
+# Install the Debian packages of the local multi-node SLURM cluster: slurmctld, slurmd,
+# the client commands, munge, slurmdbd with a MariaDB server (accounting, the real sacct),
+# iproute2 (bridge, veths, network namespaces) and util-linux (nsenter, unshare).
+# Idempotent: does nothing when they are all installed. Runs `apt-get update` only when the
+# install fails without it. Needs root.
 set -euo pipefail
 
-packages=(slurmctld slurmd slurm-client munge)
+packages=(slurmctld slurmd slurm-client slurmdbd munge mariadb-server mariadb-client iproute2
+    util-linux python3)
 
 missing=()
 for pkg in "${packages[@]}"; do
@@ -37,5 +40,6 @@ if ! apt_install; then
 fi
 
 # Where an init system runs, Debian also enables its packaged services (they read
-# /etc/slurm and /etc/munge); start.sh runs its own daemons and does not use them.
+# /etc/slurm, /etc/munge and /etc/mysql; mariadb listens on 127.0.0.1:3306); start.sh runs
+# its own daemons, with its own files, and does not use them.
 echo "install.sh: installed ${missing[*]}"

@@ -1,51 +1,135 @@
 #!/usr/bin/env bash
-# Start a local single-node SLURM cluster (munged, slurmctld, slurmd) whose files all lie
-# in STATE_DIR, for tests and CI. Needs root and the packages of install.sh.
+# Start a local multi-node SLURM cluster whose files all lie in STATE_DIR, for tests and
+# CI: munged and slurmctld on this host, one slurmd per node, each in a network + UTS
+# namespace of its own (own host name, own address on a private bridge), and accounting:
+# slurmdbd with a MariaDB server in STATE_DIR, in a namespace of their own. Needs root
+# (CAP_NET_ADMIN, CAP_SYS_ADMIN) and the packages of install.sh.
 #
-#   slurm/local/start.sh [STATE_DIR]      # default: ${LMCORE_SLURM_DIR:-/tmp/lmcore-slurm}
-#   source STATE_DIR/env.sh               # SLURM_CONF, and the sacct stand-in on PATH
+#   slurm/local/start.sh [--nodes N] [STATE_DIR]   # default: ${LMCORE_SLURM_DIR:-/tmp/lmcore-slurm}
+#   source STATE_DIR/env.sh                       # SLURM_CONF for the client commands
 #
-# Idempotent: when the three daemons of STATE_DIR are running it only says so.
-# Environment:
-#   LMCORE_SLURM_PORT           slurmctld port (default 6817); slurmd uses the next one
-#   LMCORE_SLURM_START_TIMEOUT  seconds to wait for the cluster to be ready (default 60)
+# Idempotent: when the daemons of STATE_DIR are running it only says so.
+# Environment (see README.md):
+#   LMCORE_SLURM_NODES          number of nodes (default 2; --nodes overrides it)
+#   LMCORE_SLURM_CPUS_PER_NODE  CPUs declared per node (default: the CPUs / nodes, at least 2)
+#   LMCORE_SLURM_GRACE_TIME     preemption grace time of partition debug, s (default 30)
+#   LMCORE_SLURM_MAX_ARRAY_SIZE MaxArraySize (default 1001)
 #   LMCORE_SLURM_CRED_EXPIRE    job credential lifetime in seconds (default 10, at least 5);
 #                               a requeued job starts again about this long after requeue
-set -euo pipefail
+#   LMCORE_SLURM_START_TIMEOUT  seconds to wait for the cluster to be ready (default 120)
+#   LMCORE_SLURM_ID, LMCORE_SLURM_SUBNET, LMCORE_SLURM_PORT: names, subnet, ports (common.sh)
+set -Eeuo pipefail
 
 here="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=slurm/local/common.sh
 source "${here}/common.sh"
-
-state_dir="$(lmcore_slurm_state_dir "${1:-}")"
-node_name="lmcore-node"
-partition="debug"
-ctld_port="${LMCORE_SLURM_PORT:-6817}"
-slurmd_port="$((ctld_port + 1))"
-timeout_s="${LMCORE_SLURM_START_TIMEOUT:-60}"
-cred_expire="${LMCORE_SLURM_CRED_EXPIRE:-10}"
-
-conf="${state_dir}/etc/slurm.conf"
-munge_key="${state_dir}/munge/munge.key"
-munge_socket_dir="${state_dir}/munge-socket"
-munge_socket="${munge_socket_dir}/munge.socket.2"
-log_dir="${state_dir}/log"
-run_dir="${state_dir}/run"
+# shellcheck source=slurm/local/net.sh
+source "${here}/net.sh"
 
 log() { echo "start.sh: $*"; }
 die() {
     echo "start.sh: error: $*" >&2
     exit 1
 }
+usage() {
+    sed -n '2,/^set /{/^set /d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
+    exit "${1:-0}"
+}
 
-for cmd in munged mungekey slurmctld slurmd scontrol sinfo python3; do
+# --- arguments and settings ----------------------------------------------------------
+nodes="${LMCORE_SLURM_NODES:-2}"
+state_arg=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -n | --nodes)
+            [[ $# -ge 2 ]] || die "$1 needs a number"
+            nodes="$2"
+            shift 2
+            ;;
+        --nodes=*)
+            nodes="${1#--nodes=}"
+            shift
+            ;;
+        -h | --help) usage 0 ;;
+        -*) die "unknown option '$1' (see --help)" ;;
+        *)
+            [[ -z "${state_arg}" ]] || die "one state folder only (got '${state_arg}' and '$1')"
+            state_arg="$1"
+            shift
+            ;;
+    esac
+done
+
+state_dir="$(lmcore_slurm_state_dir "${state_arg}")"
+timeout_s="${LMCORE_SLURM_START_TIMEOUT:-120}"
+cred_expire="${LMCORE_SLURM_CRED_EXPIRE:-10}"
+grace_time="${LMCORE_SLURM_GRACE_TIME:-30}"
+max_array_size="${LMCORE_SLURM_MAX_ARRAY_SIZE:-1001}"
+cpus_per_node="${LMCORE_SLURM_CPUS_PER_NODE:-}"
+
+is_number() { [[ "$1" =~ ^[0-9]+$ ]]; }
+# Whether VALUE is a whole number in MIN..MAX.
+in_range() { is_number "$1" && (($1 >= $2 && $1 <= $3)); }
+in_range "${nodes}" 1 99 || die "the number of nodes must be 1..99 (got '${nodes}')"
+# slurmctld ignores a cred_expire under 5 (logs "invalid") and falls back to 120 s.
+in_range "${cred_expire}" 5 86400 ||
+    die "LMCORE_SLURM_CRED_EXPIRE must be a number of seconds >= 5 (got '${cred_expire}')"
+in_range "${grace_time}" 0 86400 ||
+    die "LMCORE_SLURM_GRACE_TIME must be a number of seconds (got '${grace_time}')"
+in_range "${max_array_size}" 1 4000001 ||
+    die "LMCORE_SLURM_MAX_ARRAY_SIZE must be 1..4000001 (got '${max_array_size}')"
+if [[ -n "${cpus_per_node}" ]]; then
+    in_range "${cpus_per_node}" 1 4096 ||
+        die "LMCORE_SLURM_CPUS_PER_NODE must be a number >= 1 (got '${cpus_per_node}')"
+fi
+
+for cmd in munged mungekey slurmctld slurmd slurmdbd sacctmgr scontrol sinfo mariadbd \
+    mariadb-install-db mariadb ip nsenter unshare setsid ss python3; do
     command -v "${cmd}" >/dev/null 2>&1 ||
         die "'${cmd}' not found; run slurm/local/install.sh first (as root)"
 done
-# slurmctld ignores a cred_expire under 5 (logs "invalid") and falls back to 120 s.
-[[ "${cred_expire}" =~ ^[0-9]+$ && "${cred_expire}" -ge 5 ]] ||
-    die "LMCORE_SLURM_CRED_EXPIRE must be a number of seconds >= 5 (got '${cred_expire}')"
-[[ "$(id -u)" -eq 0 ]] || die "must run as root (slurmd launches the jobs)"
+[[ "$(id -u)" -eq 0 ]] || die "must run as root (namespaces, and slurmd launches the jobs)"
+# A container's root may lack them: bridge/veths/namespaces, and the hosts bind mounts.
+cap_eff="$((16#$(sed -n 's/^CapEff:[[:space:]]*//p' /proc/self/status)))"
+(((cap_eff >> 12) & 1)) || die "needs CAP_NET_ADMIN (bridge, veths, network namespaces)"
+(((cap_eff >> 21) & 1)) || die "needs CAP_SYS_ADMIN (namespaces, bind mounts)"
+
+conf_dir="${state_dir}/etc"
+conf="${conf_dir}/slurm.conf"
+dbd_conf="${conf_dir}/slurmdbd.conf"
+hosts_file="${conf_dir}/hosts"
+munge_key="${state_dir}/munge/munge.key"
+munge_socket="${state_dir}/munge-socket/munge.socket.2"
+db_dir="${state_dir}/db"
+db_socket="${state_dir}/run/mariadb.sock"
+db_pass_file="${conf_dir}/db.pass"
+log_dir="${state_dir}/log"
+run_dir="${state_dir}/run"
+ledger="$(lmcore_slurm_ledger "${state_dir}")"
+cluster_env="${state_dir}/cluster.env"
+
+# --- running already? ----------------------------------------------------------------
+# The cluster recorded in cluster.env (its node count), all of whose daemons run.
+recorded_cluster_runs() {
+    local name n
+    [[ -f "${cluster_env}" ]] || return 1
+    n="$(sed -n 's/^nodes=//p' "${cluster_env}")"
+    is_number "${n}" || return 1
+    for name in $(lmcore_slurm_daemons "${n}"); do
+        lmcore_slurm_daemon_pid "${state_dir}" "${name}" >/dev/null || return 1
+    done
+}
+
+# Whether anything of a cluster of STATE_DIR is left: a daemon or a network object.
+anything_left() {
+    local pid_file
+    [[ -s "${ledger}" ]] && return 0
+    for pid_file in "${run_dir}"/*.pid; do
+        [[ -e "${pid_file}" ]] || continue
+        lmcore_slurm_daemon_pid "${state_dir}" "$(basename "${pid_file}" .pid)" >/dev/null && return 0
+    done
+    return 1
+}
 
 write_env_sh() {
     local env_file="${state_dir}/env.sh" tmp
@@ -54,84 +138,131 @@ write_env_sh() {
         echo "# Generated by slurm/local/start.sh: source it to use the local SLURM cluster."
         printf 'export LMCORE_SLURM_DIR=%q\n' "${state_dir}"
         printf 'export SLURM_CONF=%q\n' "${conf}"
-        # The sacct stand-in goes first on PATH (the real one needs accounting storage).
-        # shellcheck disable=SC2016 # ${PATH} is expanded when env.sh is sourced
-        printf 'case ":${PATH}:" in *:%q:*) ;; *) export PATH=%q:"${PATH}" ;; esac\n' \
-            "${state_dir}/bin" "${state_dir}/bin"
     } >"${tmp}"
     chmod 644 "${tmp}"
     mv -f "${tmp}" "${env_file}"
 }
 
-running=()
-stopped=()
-for name in "${LMCORE_SLURM_DAEMONS[@]}"; do
-    if lmcore_slurm_daemon_pid "${state_dir}" "${name}" >/dev/null; then
-        running+=("${name}")
-    else
-        stopped+=("${name}")
-    fi
-done
-
-if [[ "${#stopped[@]}" -eq 0 ]]; then
+if recorded_cluster_runs; then
     write_env_sh
-    log "already running in ${state_dir} (source ${state_dir}/env.sh)"
+    running_nodes="$(sed -n 's/^nodes=//p' "${cluster_env}")"
+    log "already running in ${state_dir} (${running_nodes} nodes; source ${state_dir}/env.sh)"
+    if [[ "${running_nodes}" != "${nodes}" ]]; then
+        log "note: ${nodes} nodes were asked for; stop.sh it first to change the number"
+    fi
     exit 0
 fi
-if [[ "${#running[@]}" -gt 0 ]]; then
-    log "only some daemons of ${state_dir} are running (${running[*]}); stopping them to start afresh"
+if anything_left; then
+    log "a cluster of ${state_dir} is partly up; stopping it to start afresh"
     "${here}/stop.sh" "${state_dir}"
 fi
 
+lmcore_slurm_identity "${state_dir}"
 # Unix socket paths are limited to 107 bytes.
-[[ "${#munge_socket}" -lt 100 ]] || die "state folder path too long for the munge socket: ${munge_socket}"
-
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for port in "${ctld_port}" "${slurmd_port}"; do
-    if port_in_use "${port}"; then
-        die "port ${port} is already in use (another SLURM cluster?); stop it or set LMCORE_SLURM_PORT"
-    fi
+for socket in "${munge_socket}" "${db_socket}"; do
+    [[ "${#socket}" -lt 100 ]] || die "state folder path too long for a socket: ${socket}"
 done
+problem="$(net_collision)"
+[[ -z "${problem}" ]] ||
+    die "${problem}: another cluster? Stop it, use another state folder, or set LMCORE_SLURM_ID/SUBNET/PORT"
 
 t0="${SECONDS}"
 
-# --- files -------------------------------------------------------------------------
-mkdir -p "${state_dir}"
-chmod 755 "${state_dir}"
-mkdir -p "${state_dir}/etc" "${state_dir}/munge" "${munge_socket_dir}" "${state_dir}/state" \
-    "${state_dir}/spool" "${log_dir}" "${run_dir}" "${state_dir}/bin"
-chmod 700 "${state_dir}/munge" "${state_dir}/state" "${state_dir}/spool"
-chmod 755 "${munge_socket_dir}" "${state_dir}/etc" "${log_dir}" "${run_dir}" "${state_dir}/bin"
-rm -f "${munge_socket}" "${munge_socket}.lock"
-for name in "${LMCORE_SLURM_DAEMONS[@]}"; do
-    rm -f "$(lmcore_slurm_pid_file "${state_dir}" "${name}")"
-done
+# --- files ---------------------------------------------------------------------------
+make_dirs() {
+    local i
+    mkdir -p "${state_dir}"
+    chmod 755 "${state_dir}"
+    mkdir -p "${conf_dir}" "${state_dir}/munge" "${state_dir}/munge-socket" "${state_dir}/state" \
+        "${log_dir}" "${run_dir}" "${db_dir}"
+    for ((i = 1; i <= nodes; i++)); do
+        mkdir -p "${state_dir}/spool/$(lmcore_slurm_node_name "${i}")"
+    done
+    chmod 700 "${state_dir}/munge" "${state_dir}/state" "${state_dir}/spool" "${db_dir}"
+    chmod 755 "${state_dir}/munge-socket" "${conf_dir}" "${log_dir}" "${run_dir}"
+    rm -f "${munge_socket}" "${munge_socket}.lock" "${db_socket}"
+    rm -f "${run_dir}"/*.pid
+}
 
-if [[ ! -s "${munge_key}" ]]; then
-    mungekey -c -k "${munge_key}"
-fi
-chmod 600 "${munge_key}"
+# A state folder made with another ClusterName (the single-node slurm/local of before
+# named its cluster lmcore): slurmctld would refuse its job state ("CLUSTER NAME MISMATCH"),
+# so that state is moved aside; the stand-in sacct's link of then goes.
+retire_old_state() {
+    local file="${state_dir}/state/clustername" old aside
+    if [[ -L "${state_dir}/bin/sacct" ]]; then
+        rm -f "${state_dir}/bin/sacct"
+        rmdir "${state_dir}/bin" 2>/dev/null || true
+    fi
+    [[ -s "${file}" ]] || return 0
+    old="$(tr -dc 'A-Za-z0-9_-' <"${file}")"
+    [[ "${old}" != "${cluster_name}" ]] || return 0
+    aside="${state_dir}/state.${old}.$(date +%Y%m%d%H%M%S)"
+    mv "${state_dir}/state" "${aside}"
+    log "the job state in ${state_dir}/state was cluster '${old}'s; moved it to ${aside}"
+}
 
-ln -sfn "${here}/sacct" "${state_dir}/bin/sacct"
+# What stop.sh (and a later start.sh) reads: the names, addresses and ports used now.
+write_cluster_env() {
+    local var
+    : >"${cluster_env}"
+    for var in nodes cluster_id cluster_name bridge subnet bridge_addr db_addr ctld_port \
+        slurmd_port dbd_port db_port; do
+        printf '%s=%q\n' "${var}" "${!var}" >>"${cluster_env}"
+    done
+}
 
-# Node resources from the hardware. Every CPU is one schedulable unit (CPUs= only, no
-# sockets/cores/threads), so two 1-CPU jobs also fit where CPUs are hyper-threads.
-# RealMemory is kept a bit below what slurmd sees, else the node is drained.
-hw="$(slurmd -C)"
-cpus="$(sed -n 's/.*\bCPUs=\([0-9]\+\).*/\1/p' <<<"${hw}" | head -n 1)"
-mem_mb="$(sed -n 's/.*\bRealMemory=\([0-9]\+\).*/\1/p' <<<"${hw}" | head -n 1)"
-[[ -n "${cpus}" && -n "${mem_mb}" ]] || die "cannot read CPUs/RealMemory from 'slurmd -C': ${hw}"
-mem_mb="$((mem_mb - mem_mb / 20 - 256))"
-def_mem_per_cpu="$((mem_mb / cpus < 1024 ? mem_mb / cpus : 1024))"
-ctld_host="$(uname -n)"
-ctld_host="${ctld_host%%.*}" # slurmctld must find its own (short) host name here
+make_secrets() {
+    [[ -s "${munge_key}" ]] || mungekey -c -k "${munge_key}"
+    chmod 600 "${munge_key}"
+    if [[ ! -s "${db_pass_file}" ]]; then
+        (umask 077 && head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' >"${db_pass_file}")
+    fi
+    chmod 600 "${db_pass_file}"
+}
 
-cat >"${conf}" <<CONF
-# Generated by slurm/local/start.sh: a local single-node cluster for tests and CI.
-ClusterName=lmcore
-SlurmctldHost=${ctld_host}(127.0.0.1)
+# One hosts file for every namespace: the controller (ctl, on the bridge), the database
+# and the nodes.
+write_hosts() {
+    local i
+    {
+        echo "127.0.0.1 localhost"
+        echo "${bridge_addr} ctl"
+        echo "${db_addr} db"
+        for ((i = 1; i <= nodes; i++)); do
+            echo "$(lmcore_slurm_node_addr "${i}") $(lmcore_slurm_node_name "${i}")"
+        done
+    } >"${hosts_file}"
+    chmod 644 "${hosts_file}"
+}
+
+# Node resources: the CPUs per node are declared (config_overrides lets them exceed the
+# hardware, so that 2 nodes x 2 tasks fit on 2 cores); the memory is split between the
+# nodes, less a share for the host and the database, so that no node promises memory twice.
+node_resources() {
+    local hw hw_cpus hw_mem
+    hw="$(slurmd -C)"
+    hw_cpus="$(sed -n 's/.*\bCPUs=\([0-9]\+\).*/\1/p' <<<"${hw}" | head -n 1)"
+    hw_mem="$(sed -n 's/.*\bRealMemory=\([0-9]\+\).*/\1/p' <<<"${hw}" | head -n 1)"
+    [[ -n "${hw_cpus}" && -n "${hw_mem}" ]] || die "cannot read CPUs/RealMemory from 'slurmd -C': ${hw}"
+    if [[ -z "${cpus_per_node}" ]]; then
+        cpus_per_node="$((hw_cpus / nodes > 2 ? hw_cpus / nodes : 2))"
+    fi
+    mem_per_node="$(((hw_mem - hw_mem / 20 - 768) / nodes))"
+    ((mem_per_node >= 256)) || die "too little memory for ${nodes} nodes (${hw_mem} MB)"
+    def_mem_per_cpu="$((mem_per_node / cpus_per_node < 1024 ? mem_per_node / cpus_per_node : 1024))"
+}
+
+write_slurm_conf() {
+    local i node_list="node[1-${nodes}]"
+    ((nodes > 1)) || node_list="node1"
+    cat >"${conf}" <<CONF
+# Generated by slurm/local/start.sh: a local ${nodes}-node cluster for tests and CI.
+ClusterName=${cluster_name}
+SlurmctldHost=ctl(${bridge_addr})
 SlurmctldPort=${ctld_port}
 SlurmdPort=${slurmd_port}
+# slurmctld listens only on the address its host name resolves to: ctl, the bridge's
+CommunicationParameters=NoCtldInAddrAny
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -140,98 +271,249 @@ CredType=cred/munge
 AuthInfo=socket=${munge_socket},cred_expire=${cred_expire}
 MailProg=/bin/true
 StateSaveLocation=${state_dir}/state
-SlurmdSpoolDir=${state_dir}/spool
+SlurmdSpoolDir=${state_dir}/spool/%n
 SlurmctldPidFile=${run_dir}/slurmctld.pid
-SlurmdPidFile=${run_dir}/slurmd.pid
+SlurmdPidFile=${run_dir}/slurmd-%n.pid
 SlurmctldLogFile=${log_dir}/slurmctld.log
-SlurmdLogFile=${log_dir}/slurmd.log
+SlurmdLogFile=${log_dir}/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SwitchType=switch/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
+# accounting: slurmdbd (in the database namespace); the real sacct answers from it
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=${db_addr}
+AccountingStoragePort=${dbd_port}
+# slurmdbd's munge socket: without it sacct/slurmctld use /run/munge's, and fail
+AccountingStoragePass=${munge_socket}
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=30
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
+# else a requeued job waits ~33 s, not ~11 s
 SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 # memory is a consumable too; with a default per CPU, two 1-CPU jobs run at once
 SelectTypeParameters=CR_CPU_Memory
 DefMemPerCPU=${def_mem_per_cpu}
+# the nodes declare more CPUs than the hardware has (see slurm/local/README.md)
 SlurmdParameters=config_overrides
+# a job of partition high preempts those of partition debug: SIGTERM, GraceTime, requeue
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+MaxArraySize=${max_array_size}
+MaxJobCount=$((max_array_size * 2 > 10000 ? max_array_size * 2 : 10000))
 ReturnToService=2
 JobRequeue=1
 KillWait=5
 MinJobAge=3600
 InactiveLimit=0
 Waittime=0
-NodeName=${node_name} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem_mb} State=UNKNOWN
-PartitionName=${partition} Nodes=${node_name} Default=YES MaxTime=INFINITE State=UP
 CONF
-chmod 644 "${conf}"
+    for ((i = 1; i <= nodes; i++)); do
+        echo "NodeName=$(lmcore_slurm_node_name "${i}") NodeAddr=$(lmcore_slurm_node_addr "${i}")" \
+            "NodeHostname=$(lmcore_slurm_node_name "${i}") CPUs=${cpus_per_node}" \
+            "RealMemory=${mem_per_node} State=UNKNOWN" >>"${conf}"
+    done
+    cat >>"${conf}" <<CONF
+PartitionName=debug Nodes=${node_list} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=${grace_time}
+PartitionName=high Nodes=${node_list} MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
+CONF
+    chmod 644 "${conf}"
+}
 
-# --- daemons -----------------------------------------------------------------------
+write_slurmdbd_conf() {
+    (umask 077 && cat >"${dbd_conf}") <<CONF
+# Generated by slurm/local/start.sh. slurmdbd finds it next to \$SLURM_CONF. Mode 600.
+AuthType=auth/munge
+AuthInfo=socket=${munge_socket}
+DbdHost=db
+DbdAddr=${db_addr}
+DbdPort=${dbd_port}
+SlurmUser=root
+LogFile=${log_dir}/slurmdbd.log
+PidFile=${run_dir}/slurmdbd.pid
+DebugLevel=info
+StorageType=accounting_storage/mysql
+StorageHost=${db_addr}
+StoragePort=${db_port}
+StorageUser=slurm
+StoragePass=$(cat "${db_pass_file}")
+StorageLoc=slurm_acct_db
+CONF
+    chmod 600 "${dbd_conf}"
+}
+
+# --- daemons -------------------------------------------------------------------------
 show_logs() {
     local f
-    for f in "${log_dir}/munged.log" "${log_dir}/slurmctld.log" "${log_dir}/slurmd.log"; do
-        if [[ -f "${f}" ]]; then
-            echo "----- tail of ${f}" >&2
-            tail -n 20 "${f}" >&2
-        fi
+    for f in "${log_dir}"/*.log; do
+        [[ -f "${f}" ]] || continue
+        echo "----- tail of ${f}" >&2
+        tail -n 15 "${f}" >&2
     done
 }
 fail() {
+    trap - ERR
     echo "start.sh: error: $*" >&2
     show_logs
-    echo "start.sh: stopping the daemons that did start" >&2
+    echo "start.sh: stopping what did start" >&2
     "${here}/stop.sh" "${state_dir}" >&2 || true
     exit 1
 }
 
 # Waits until daemon NAME has written its PID file and is alive.
 wait_for_pid() {
-    local name="$1" deadline="$((SECONDS + 15))"
+    local name="$1" deadline="$((SECONDS + 30))"
     until lmcore_slurm_daemon_pid "${state_dir}" "${name}" >/dev/null; do
         ((SECONDS < deadline)) || fail "${name} did not start"
         sleep 0.1
     done
 }
 
-munged --key-file="${munge_key}" --socket="${munge_socket}" \
-    --pid-file="${run_dir}/munged.pid" --log-file="${log_dir}/munged.log" \
-    --seed-file="${state_dir}/munge/munged.seed" ||
-    fail "munged did not start"
-wait_for_pid munged
+# Polls COMMAND... until it succeeds; fails with WHAT after the start timeout.
+wait_until() {
+    local what="$1" deadline="$((SECONDS + timeout_s))"
+    shift
+    until "$@" >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || fail "${what} not ready after ${timeout_s} s"
+        sleep 0.2
+    done
+}
 
-slurmctld -f "${conf}" || fail "slurmctld did not start"
-wait_for_pid slurmctld
-slurmd -f "${conf}" -N "${node_name}" || fail "slurmd did not start"
-wait_for_pid slurmd
+start_munged() {
+    munged --key-file="${munge_key}" --socket="${munge_socket}" \
+        --pid-file="${run_dir}/munged.pid" --log-file="${log_dir}/munged.log" \
+        --seed-file="${state_dir}/munge/munged.seed" || fail "munged did not start"
+    wait_for_pid munged
+}
 
-export SLURM_CONF="${conf}"
-deadline="$((SECONDS + timeout_s))"
-state=""
-ping=""
-while :; do
-    for name in "${LMCORE_SLURM_DAEMONS[@]}"; do
+# mariadbd's options, for the first install and for the server. Small buffers (a test
+# cluster's accounting is tiny); no fsync per commit; slurmdbd wants a long lock wait.
+db_options=()
+set_db_options() {
+    db_options=(--no-defaults --user=root "--datadir=${db_dir}" "--socket=${db_socket}"
+        "--port=${db_port}" "--bind-address=${db_addr}" "--pid-file=${run_dir}/mariadbd.pid"
+        "--log-error=${log_dir}/mariadb.log" --skip-name-resolve --skip-log-bin
+        --innodb-buffer-pool-size=32M --innodb-log-file-size=16M --innodb-log-buffer-size=4M
+        --key-buffer-size=4M --aria-pagecache-buffer-size=4M --innodb-lock-wait-timeout=900
+        --innodb-flush-log-at-trx-commit=2 --max-connections=50)
+}
+
+db_answers() { mariadb --no-defaults "--socket=${db_socket}" -uroot -e 'SELECT 1'; }
+
+# The MariaDB server of STATE_DIR, in the database namespace, bound to the database's
+# address and a socket in STATE_DIR. The data folder is made once (mariadb-install-db).
+start_mariadb() {
+    set_db_options
+    if [[ ! -d "${db_dir}/mysql" ]]; then
+        log "creating the accounting database in ${db_dir} (once)"
+        mariadb-install-db --no-defaults --user=root "--datadir=${db_dir}" \
+            --auth-root-authentication-method=socket --skip-test-db \
+            >"${log_dir}/mariadb-install.log" 2>&1 ||
+            fail "mariadb-install-db failed (see ${log_dir}/mariadb-install.log)"
+    fi
+    lmcore_slurm_in_node --detach "$(lmcore_slurm_db_netns)" db "${hosts_file}" \
+        mariadbd "${db_options[@]}" </dev/null >>"${log_dir}/mariadb.log" 2>&1
+    wait_for_pid mariadbd
+    wait_until "MariaDB" db_answers
+    # slurmdbd's user, with the password of db.pass (idempotent).
+    local pass
+    pass="$(cat "${db_pass_file}")"
+    mariadb --no-defaults "--socket=${db_socket}" -uroot -e "
+        CREATE USER IF NOT EXISTS 'slurm'@'%' IDENTIFIED BY '${pass}';
+        ALTER USER 'slurm'@'%' IDENTIFIED BY '${pass}';
+        GRANT ALL ON slurm_acct_db.* TO 'slurm'@'%';" || fail "cannot create the database user"
+}
+
+sacctmgr_answers() { sacctmgr -n -P show cluster format=Cluster; }
+
+# slurmdbd, in the database namespace (host name db), then this cluster's record in it.
+start_slurmdbd() {
+    lmcore_slurm_in_node "$(lmcore_slurm_db_netns)" db "${hosts_file}" \
+        env "SLURM_CONF=${conf}" slurmdbd || fail "slurmdbd did not start"
+    wait_for_pid slurmdbd
+    wait_until "slurmdbd" sacctmgr_answers
+    if ! sacctmgr -n -P show cluster format=Cluster | grep -qx "${cluster_name}"; then
+        sacctmgr -i add cluster "${cluster_name}" >/dev/null || fail "sacctmgr add cluster failed"
+    fi
+}
+
+# slurmctld, in this host's network namespace (it listens on the bridge's address) but with
+# the host name ctl: it checks that it runs on SlurmctldHost, and NoCtldInAddrAny binds to
+# the address that name resolves to.
+start_slurmctld() {
+    lmcore_slurm_in_node - ctl "${hosts_file}" slurmctld -f "${conf}" || fail "slurmctld did not start"
+    wait_for_pid slurmctld
+}
+
+start_slurmds() {
+    local i node
+    for ((i = 1; i <= nodes; i++)); do
+        node="$(lmcore_slurm_node_name "${i}")"
+        lmcore_slurm_in_node "$(lmcore_slurm_node_netns "${i}")" "${node}" "${hosts_file}" \
+            slurmd -f "${conf}" -N "${node}" || fail "slurmd of ${node} did not start"
+    done
+    for ((i = 1; i <= nodes; i++)); do
+        wait_for_pid "slurmd-$(lmcore_slurm_node_name "${i}")"
+    done
+}
+
+# Ready: every daemon alive, slurmctld answers, every node is up, and slurmctld has
+# registered with slurmdbd (so that jobs reach the accounting).
+cluster_ready() {
+    local name states
+    for name in $(lmcore_slurm_daemons "${nodes}"); do
         lmcore_slurm_daemon_pid "${state_dir}" "${name}" >/dev/null || fail "${name} exited"
     done
-    ping="$(scontrol ping 2>/dev/null || true)"
-    if [[ "${ping}" == *"is UP"* ]]; then
-        state="$(sinfo -h -n "${node_name}" -o '%t' 2>/dev/null || true)"
-        if [[ "${state}" == "idle" || "${state}" == "mix" || "${state}" == "alloc" ]]; then
-            break
+    [[ "$(scontrol ping 2>/dev/null)" == *"is UP"* ]] || return 1
+    states="$(sinfo -h -N -p debug -o '%t' 2>/dev/null | grep -cE '^(idle|mix|alloc)$')" || return 1
+    [[ "${states}" -eq "${nodes}" ]] || return 1
+    [[ -n "$(sacctmgr -n -P show cluster "${cluster_name}" format=ControlHost 2>/dev/null)" ]]
+}
+
+wait_for_cluster() {
+    local deadline="$((SECONDS + timeout_s))"
+    until cluster_ready; do
+        if ((SECONDS >= deadline)); then
+            sinfo -N >&2 || true
+            fail "cluster not ready after ${timeout_s} s"
         fi
-    fi
-    if ((SECONDS >= deadline)); then
-        scontrol show node "${node_name}" >&2 || true
-        fail "cluster not ready after ${timeout_s} s (ping: '${ping}', node state: '${state:-?}')"
-    fi
-    sleep 0.2
-done
+        sleep 0.2
+    done
+}
+
+# --- main ----------------------------------------------------------------------------
+node_resources
+retire_old_state
+make_dirs
+trap 'fail "command failed (line ${LINENO}): ${BASH_COMMAND}"' ERR
+write_cluster_env
+make_secrets
+write_hosts
+write_slurm_conf
+write_slurmdbd_conf
+export SLURM_CONF="${conf}"
+
+# Order: munge first (everyone authenticates with it), the database before slurmdbd, the
+# cluster's record in slurmdbd before slurmctld registers, the nodes last.
+start_munged
+net_up
+start_mariadb
+start_slurmdbd
+start_slurmctld
+start_slurmds
+wait_for_cluster
+trap - ERR
 
 write_env_sh
-log "cluster up in $((SECONDS - t0)) s: node ${node_name} (${cpus} CPUs, ${mem_mb} MB), partition ${partition}, node state ${state}"
+node_list=()
+for ((i = 1; i <= nodes; i++)); do
+    node_list+=("$(lmcore_slurm_node_name "${i}")=$(lmcore_slurm_node_addr "${i}")")
+done
+log "cluster ${cluster_name} up in $((SECONDS - t0)) s: ${nodes} nodes (${node_list[*]}), ${cpus_per_node} CPUs" \
+    "and ${mem_per_node} MB each; partitions debug (default) and high"
+log "bridge ${bridge} ${bridge_addr}/24, slurmctld port ${ctld_port}, slurmdbd ${db_addr}:${dbd_port}"
 log "logs in ${log_dir}; use it with: source ${state_dir}/env.sh"
