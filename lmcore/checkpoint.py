@@ -158,6 +158,15 @@ def _parse_manifest(path: Path, data: bytes) -> dict[str, Any]:
     return manifest
 
 
+def _read(folder: Path, name: str, missing: str) -> bytes:
+    try:
+        return (folder / name).read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(missing) from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {folder}: {name} cannot be read ({first_line(e)})") from None
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint folder whose every file matched its manifest; holds the bytes it checked."""
@@ -169,21 +178,11 @@ class Checkpoint:
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:
         path = Path(path)
-        try:
-            raw = (path / MANIFEST).read_bytes()
-        except FileNotFoundError:
-            raise CheckpointError(f"{path} is not a complete lmcore checkpoint (no {MANIFEST})") from None
-        except OSError as e:
-            raise CheckpointError(f"cannot read {path / MANIFEST} ({first_line(e)})") from None
+        raw = _read(path, MANIFEST, f"{path} is not a complete lmcore checkpoint (no {MANIFEST})")
         manifest = _parse_manifest(path / MANIFEST, raw)
         files = {}
         for name, info in manifest["files"].items():
-            try:
-                data = (path / name).read_bytes()
-            except FileNotFoundError:
-                raise CheckpointError(f"checkpoint {path} is missing {name}") from None
-            except OSError as e:
-                raise CheckpointError(f"checkpoint {path}: {name} cannot be read ({first_line(e)})") from None
+            data = _read(path, name, f"checkpoint {path} is missing {name}")
             if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
                 raise CheckpointError(f"checkpoint {path}: {name} fails its checksum (truncated or "
                                       "corrupted)")

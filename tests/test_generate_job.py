@@ -28,7 +28,6 @@ from lmcore.gen.folder import (
     REJECTS_FILE,
     GenerationError,
     done_chunks,
-    resolve_shard,
 )
 from lmcore.gen.job import generate_shard
 from lmcore.gen.merge import merge_outputs
@@ -455,14 +454,6 @@ def test_a_folder_made_with_other_settings_or_another_checkpoint_is_refused(run_
 
 
 # -- pieces -------------------------------------------------------------------------------------
-def test_shard_from_slurm_array_variables():
-    assert resolve_shard(0, -1, {}) == (0, 1)
-    env = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "3",
-           "SLURM_ARRAY_TASK_STEP": "2"}  # --array=3-7:2 -> tasks 3, 5, 7
-    assert resolve_shard(0, -1, env) == (1, 3)
-    assert resolve_shard(4, 2, env) == (2, 4)  # explicit values win
-
-
 def test_prompts_are_streamed_not_loaded(tmp_path):
     path = tmp_path / "big.jsonl"
     with open(path, "w", encoding="utf-8") as f:
