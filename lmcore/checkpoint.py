@@ -118,7 +118,11 @@ class CheckpointWriter:
             "format": FORMAT, "version": VERSION, "step": step, "architecture": architecture,
             "tokenizer_fingerprint": tokenizer_fingerprint, "files": files})
         fileio.publish_dir(self.tmp, self.final, replace=True)  # the same step again after a requeue
-        prune(self.root, keep, self.final.name)
+        try:
+            prune(self.root, keep, self.final.name)
+        except OSError as e:  # the new checkpoint is complete; an old one left over is no harm
+            warnings.warn(f"could not remove an old checkpoint in {self.root} ({first_line(e)}); it stays, "
+                          "and the next checkpoint tries again", stacklevel=2)
         return self.final
 
 
@@ -174,6 +178,7 @@ class Checkpoint:
     path: Path
     manifest: dict[str, Any]
     files: dict[str, bytes] = field(repr=False)
+    fingerprint: str = ""  # sha256 of manifest.json: it names every file's sha256, so it covers them all
 
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:
@@ -187,7 +192,7 @@ class Checkpoint:
                 raise CheckpointError(f"checkpoint {path}: {name} fails its checksum (truncated or "
                                       "corrupted)")
             files[name] = data
-        return cls(path, manifest, files)
+        return cls(path, manifest, files, hashlib.sha256(raw).hexdigest())
 
     @property
     def step(self) -> int:
@@ -196,6 +201,13 @@ class Checkpoint:
     @property
     def model_sha256(self) -> str:
         return self.manifest["files"]["model.safetensors"]["sha256"]
+
+    def summary(self) -> dict[str, Any]:
+        """What `lmcore verify` prints: enough to compare with what the author published."""
+        return {"checkpoint": str(self.path), "verified_files": len(self.files),
+                "step": self.manifest.get("step"), "fingerprint": self.fingerprint,
+                "weights_sha256": self.model_sha256,
+                "tokenizer_fingerprint": self.manifest["tokenizer_fingerprint"]}
 
     def info(self) -> dict[str, Any]:
         """What identifies the weights (recorded by jobs that use them)."""

@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run folder (holds metrics.jsonl)")
     p.add_argument("--out", help="where to write (default: RUN_DIR/report)")
 
+    p = sub.add_parser("verify", help="check a checkpoint's files and print its fingerprint",
+                       description="Read every file of a checkpoint (or a run folder's latest), check it "
+                                   "against the manifest, and print the checkpoint's fingerprint (sha256 of "
+                                   "its manifest, which holds every file's sha256) and the weights' sha256. "
+                                   "The manifest catches truncation and bit rot; it does not authenticate: "
+                                   "compare the fingerprint with the one the checkpoint's author published.")
+    p.add_argument("checkpoint", help="a checkpoint folder or a run folder")
+
     sub.add_parser("submit", help="submit train/eval/generate/pipeline to SLURM (see 'lmcore submit -h')",
                    add_help=False)
 
@@ -113,6 +121,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         from lmcore.track.report import write_report
 
         print(write_report(args.run_dir, args.out))
+        return 0
+    if args.command == "verify":
+        from lmcore.checkpoint import resolve
+
+        print(json.dumps(resolve(args.checkpoint).summary()))
         return 0
     from lmcore.config import load_config
 

@@ -1,5 +1,7 @@
 """One exception type for every user-facing failure: the CLI prints it as one line."""
 
+import errno
+
 
 class LmcoreError(Exception):
     """Bad input or a state the user can fix: the message says what is wrong and how to fix it."""
@@ -24,3 +26,22 @@ def first_line(e: BaseException) -> str:
         return e.strerror
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[0] if lines else type(e).__name__
+
+
+def remedy(e: BaseException, folder: object = "the folder") -> str:
+    """What a user can do about a failed write, from its errno."""
+    code = getattr(e, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "free space (or raise the quota)"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"make {folder} writable, or use another folder"
+    if code == errno.EROFS:
+        return f"{folder} is on a read-only file system: use another folder"
+    if code == errno.EIO:
+        return f"the disk under {folder} reported an I/O error: check it, or use another folder"
+    return f"check {folder}"
+
+
+def write_failed(what: object, e: BaseException, kept: str, then: str, folder: object = "the folder") -> str:
+    """'could not write WHAT (CAUSE); KEPT: REMEDY, then THEN' -- the one line of every failed write."""
+    return f"could not write {what} ({first_line(e)}); {kept}: {remedy(e, folder)}, then {then}"

@@ -28,7 +28,7 @@ from lmcore.config import Config
 from lmcore.data.batching import eval_batches, review_rows, rows_to_batch
 from lmcore.data.cache import TokenizedSplit, load_split, strided
 from lmcore.data.tokenizer import WordTokenizer
-from lmcore.errors import LmcoreError, first_line
+from lmcore.errors import LmcoreError, write_failed
 from lmcore.model import LSTMLM
 from lmcore.rundir import RunDir
 from lmcore.runtime.accelerator import make_accelerator
@@ -138,8 +138,8 @@ def run_eval(cfg: Config) -> dict | None:
         try:
             fileio.atomic_write_json(path, out)
         except OSError as e:
-            raise LmcoreError(f"could not write {path} ({first_line(e)}); free space (or make the checkpoint "
-                              "folder writable) and run the eval again") from None
+            raise LmcoreError(write_failed(path, e, f"the masked perplexity is {res.masked_ppl:.4f}",
+                                           "run the eval again to keep the result", ckpt.path)) from None
         run = RunDir.of_checkpoint(ckpt.path)
         tracker = open_tracker(cfg, run.path if run else ckpt.path, job="eval", enabled=True)
         tracker.summary({f"eval/{cfg.eval.split}/{k}": v for k, v in out.items()

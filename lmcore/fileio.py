@@ -31,7 +31,7 @@ DIR_MODE = 0o777 & ~_UMASK
 
 # The functions below that write; tests inject faults into each (tests/test_write_faults.py).
 WRITERS = ("make_dir", "atomic_write", "write_new", "save_tensors", "append_line", "new_temp_dir",
-           "publish_dir", "remove_tree", "create_exclusive", "open_lock")
+           "publish_dir", "publish_files", "remove_tree", "create_exclusive", "open_lock")
 
 
 def usual_permissions(path: str | os.PathLike) -> None:
@@ -134,6 +134,17 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike, replace: bool 
         return False
     fsync_dir(final.parent)
     return True
+
+
+def publish_files(tmp: str | os.PathLike, folder: str | os.PathLike) -> None:
+    """Move every file of a filled temp folder into folder (made if needed), each by an atomic
+    rename, then remove the temp folder: a set of files that appears together, over older ones."""
+    tmp, folder = Path(tmp), make_dir(folder)
+    for f in sorted(tmp.iterdir()):
+        usual_permissions(f)
+        os.replace(f, folder / f.name)
+    tmp.rmdir()
+    fsync_dir(folder)
 
 
 def remove_tree(path: str | os.PathLike) -> None:

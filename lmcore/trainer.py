@@ -30,7 +30,7 @@ from lmcore.checkpoint import Checkpoint, CheckpointWriter, find_latest, list_ch
 from lmcore.config import Config
 from lmcore.data.batching import training_batches
 from lmcore.data.cache import Corpus, load_corpus
-from lmcore.errors import CheckpointError, LmcoreError, first_line
+from lmcore.errors import CheckpointError, LmcoreError, write_failed
 from lmcore.evaluate import evaluate
 from lmcore.model import LSTMLM, adaptive_cutoffs, detach_state
 from lmcore.optim import lr_at, make_adam
@@ -172,9 +172,13 @@ class Trainer:
         self.tracker = open_tracker(cfg, run.path, job="train", enabled=self.main)
         self.metrics = MetricsLog(run.metrics, enabled=self.main, resume_step=self.state.step,
                                   tracker=self.tracker)
-        if self.main:
-            fileio.atomic_write_text(run.config, cfg.to_yaml())
-            self.corpus.tokenizer.save(run.tokenizer)
+        if self.main:  # the run's config and vocabulary, beside its checkpoints
+            for path, text in ((run.config, cfg.to_yaml()), (run.tokenizer, self.corpus.tokenizer.to_json())):
+                try:
+                    fileio.atomic_write_text(path, text)
+                except OSError as e:
+                    raise LmcoreError(write_failed(path, e, "nothing was trained",
+                                                   "run the same command again", run.path)) from None
 
     def restore(self, ckpt: Checkpoint) -> None:
         tok = self.corpus.tokenizer
@@ -348,10 +352,13 @@ class Trainer:
             if any_rank(self.acc, error is not None):
                 if self.main:
                     writer.abort()
-                reason = first_line(error) if error is not None else "failed on another rank"
-                raise CheckpointError(f"could not write checkpoint {writer.final} ({reason}); "
-                                      f"{self._kept('previous')}; free space (or fix the folder) and run the "
-                                      "same command again to resume") from None
+                if error is None:
+                    raise CheckpointError(f"could not write checkpoint {writer.final} (another rank failed: "
+                                          f"its error is in its log); {self._kept('previous')}") from None
+                kept = self._kept("previous")
+                raise CheckpointError(write_failed(f"checkpoint {writer.final}", error, kept,
+                                                   "run the same command again to resume",
+                                                   self.run.checkpoints)) from None
         if self.main:
             self.metrics.log(s.step, {"event": "checkpoint", "path": str(writer.final)})
             self.bar.write(f"checkpoint {writer.final}")

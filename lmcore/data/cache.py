@@ -24,7 +24,7 @@ from lmcore import fileio
 from lmcore.config import DataConfig
 from lmcore.data.sources import Split
 from lmcore.data.tokenizer import WordTokenizer
-from lmcore.errors import DataError, LmcoreError, first_line
+from lmcore.errors import DataError, LmcoreError, write_failed
 
 CACHE_VERSION = 1
 
@@ -87,8 +87,9 @@ def _publish(cfg: DataConfig, entry: Path, files: dict[str, bytes]) -> None:
     except OSError as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise DataError(f"cannot write the token cache in {root} ({first_line(e)}); free space, "
-                        "or set data.cache_dir (or $LMCORE_CACHE) to a writable folder") from None
+        raise DataError(write_failed(f"the token cache in {root}", e, "nothing was cached",
+                                     "run again (or set data.cache_dir, or $LMCORE_CACHE, to another folder)",
+                                     root)) from None
 
 
 def _tokenizer_entry(cfg: DataConfig, train: Split) -> Path:

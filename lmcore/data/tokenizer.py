@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from lmcore import fileio
 from lmcore.errors import LmcoreError
 
 UNK, PAD, BOS, EOS = "<unk>", "<pad>", "<bos>", "<eos>"
@@ -99,9 +98,6 @@ class WordTokenizer:
             },
             ensure_ascii=False,
         )
-
-    def save(self, path: str | Path) -> None:
-        fileio.atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> WordTokenizer:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from lmcore import fileio
-from lmcore.errors import ConfigError, LmcoreError, first_line
+from lmcore.errors import ConfigError, LmcoreError, write_failed
 from lmcore.gen.decoder import auto_precision
 from lmcore.gen.prompts import PromptSource, ScanResult
 from lmcore.slurm.env import array_task
@@ -135,13 +135,18 @@ def claim_params(out: Path, params: dict) -> None:
         if done_chunks(out):
             raise GenerationError(f"output folder {out} holds chunk files but no {PARAMS_FILE}; "
                                   "use a new generate.output_dir")
+        created = not out.exists()
         try:
             fileio.make_dir(out)
             fileio.create_exclusive(out / PARAMS_FILE,
                                     (json.dumps(params, indent=2, sort_keys=True) + "\n").encode("utf-8"))
         except OSError as e:
-            raise GenerationError(f"cannot create the output folder {out} ({first_line(e)}); free space, or "
-                                  "set generate.output_dir to a writable folder") from None
+            if created:  # claim nothing: no empty output folder left behind
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise GenerationError(write_failed(out / PARAMS_FILE, e, "nothing was generated",
+                                               "run the same command again (or set generate.output_dir to "
+                                               "another folder)", out)) from None
         existing = read_params(out)
     diff = params_diff(existing or {}, params)
     if diff:

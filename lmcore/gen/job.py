@@ -32,7 +32,7 @@ from typing import IO, Any
 from lmcore import fileio
 from lmcore.checkpoint import Checkpoint, resolve
 from lmcore.config import Config
-from lmcore.errors import ConfigError, first_line
+from lmcore.errors import ConfigError, write_failed
 from lmcore.gen.decoder import Completion, Decoder
 from lmcore.gen.folder import (
     REJECTS_FILE,
@@ -134,8 +134,8 @@ class ShardJob:
                 self.rejects.seek(0)
                 fileio.atomic_write(self.out / REJECTS_FILE, lambda f: shutil.copyfileobj(self.rejects, f))
         except OSError as e:
-            raise GenerationError(f"cannot write {self.out / REJECTS_FILE} ({first_line(e)}); free space and "
-                                  "run the same command again") from None
+            raise GenerationError(write_failed(self.out / REJECTS_FILE, e, "nothing was generated yet",
+                                               "run the same command again", self.out)) from None
         finally:
             if self.rejects is not None:
                 self.rejects.close()
@@ -223,9 +223,9 @@ class ShardJob:
         try:
             fileio.atomic_write_bytes(chunk_path(self.out, c), "".join(lines).encode("utf-8"))
         except OSError as e:
-            raise GenerationError(f"could not write {chunk_path(self.out, c)} ({first_line(e)}); the "
-                                  f"{len(done_chunks(self.out))} finished chunks in {self.out} are intact: "
-                                  "free space and run the same command again to continue") from None
+            kept = f"the {len(done_chunks(self.out))} finished chunks in {self.out} are intact"
+            raise GenerationError(write_failed(chunk_path(self.out, c), e, kept,
+                                               "run the same command again to continue", self.out)) from None
         n = self.counts
         n.chunks += 1
         self.tracker.log(n.rows, {"generate/new_tokens_per_s": n.speed, "generate/rows": n.rows,

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 from lmcore import fileio
 from lmcore.config import Config
-from lmcore.errors import ConfigError, first_line
+from lmcore.errors import ConfigError, write_failed
 from lmcore.gen.folder import (
     CHUNKS_DIR,
     FORMAT,
@@ -81,8 +81,8 @@ def merge_outputs(cfg: Config) -> dict[str, Any]:
     try:
         fileio.atomic_write(out / MERGED_FILE, merged.write)
     except OSError as e:
-        raise GenerationError(f"could not write {out / MERGED_FILE} ({first_line(e)}); the chunks in {out} "
-                              "are intact: free space and merge again") from None
+        raise GenerationError(write_failed(out / MERGED_FILE, e, f"the chunks in {out} are intact",
+                                           "merge again", out)) from None
     if merged.counts.prompts != params["prompts"]["records"]:
         raise GenerationError(f"{out}: the chunks hold {merged.counts.prompts} prompts, the input has "
                               f"{params['prompts']['records']}; delete the chunks folder and rerun")
@@ -148,6 +148,6 @@ def _write_manifest(out: Path, params: dict[str, Any], merged: _Merged) -> dict[
     try:
         fileio.atomic_write_json(out / MANIFEST_FILE, manifest)
     except OSError as e:
-        raise GenerationError(f"could not write {out / MANIFEST_FILE} ({first_line(e)}); {out / MERGED_FILE} "
-                              "is complete: free space and merge again") from None
+        raise GenerationError(write_failed(out / MANIFEST_FILE, e, f"{out / MERGED_FILE} is complete",
+                                           "merge again", out)) from None
     return manifest

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from lmcore import fileio
-from lmcore.errors import LmcoreError, first_line
+from lmcore.errors import LmcoreError, write_failed
 
 LOCK_FILE = ".lock"
 
@@ -36,8 +36,9 @@ class RunLock:
         try:
             fd = fileio.open_lock(self.path)
         except OSError as e:
-            raise LmcoreError(f"{self.what} {self.folder} cannot be used ({first_line(e)}); "
-                              f"set {self.hint} to a writable folder") from None
+            raise LmcoreError(write_failed(f"the lock of {self.what} {self.folder}", e, "nothing was written",
+                                           f"run again (or set {self.hint} to another folder)",
+                                           self.folder)) from None
         self._created = missing
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

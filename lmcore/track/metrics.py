@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmcore import fileio
+from lmcore.errors import LmcoreError, write_failed
 from lmcore.track.tracker import Tracker
 
 
@@ -25,19 +26,29 @@ class MetricsLog:
         self.tracker = tracker
         if not enabled:
             return
-        fileio.make_dir(path.parent)
-        if path.exists():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if _step_of(line) is not None and _step_of(line) <= resume_step]
-            fileio.atomic_write_text(path, "".join(line + "\n" for line in kept))
+        try:
+            fileio.make_dir(path.parent)
+            if path.exists():  # rows past the step resumed from are the ones to be redone
+                kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                        if _step_of(line) is not None and _step_of(line) <= resume_step]
+                fileio.atomic_write_text(path, "".join(line + "\n" for line in kept))
+        except OSError as e:
+            raise self._failed(e, "nothing was trained yet") from None
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
         row = {"step": step, "time": round(time.time(), 3), **values}
-        fileio.append_line(self.path, json.dumps(row))
+        try:
+            fileio.append_line(self.path, json.dumps(row))
+        except OSError as e:
+            raise self._failed(e, f"its rows up to step {step - 1} and the checkpoints are intact") from None
         if self.tracker is not None:
             self.tracker.log(step, values)
+
+    def _failed(self, e: OSError, kept: str) -> LmcoreError:
+        return LmcoreError(write_failed(self.path, e, kept, "run the same command again to resume",
+                                        self.path.parent))
 
 
 def _step_of(line: str) -> int | None:

@@ -12,14 +12,16 @@ matplotlib is imported only when drawing, with the Agg backend (no display neede
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from lmcore import fileio
-from lmcore.errors import LmcoreError, first_line
+from lmcore.errors import LmcoreError, first_line, write_failed
 from lmcore.rundir import RunDir
 from lmcore.track.metrics import read_metrics
 
@@ -44,21 +46,27 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
                           "and try again")
     out_dir = Path(out) if out else RunDir(run_dir).report
     data = _Series(rows)
-    try:
-        fileio.make_dir(out_dir)
-        images = []
-        for name, draw in (("loss.png", _draw_loss), ("perplexity.png", _draw_ppl),
-                           ("training.png", _draw_training)):
-            fig = draw(data)
-            if fig is not None:
-                fileio.atomic_write(out_dir / name, lambda f, fig=fig: fig.savefig(f, format="png"))
-                images.append(name)
-        report = out_dir / "report.md"
-        fileio.atomic_write_text(report, _summary_markdown(run_dir, data, images))
+    files: dict[str, bytes] = {}
+    for name, draw in (("loss.png", _draw_loss), ("perplexity.png", _draw_ppl),
+                       ("training.png", _draw_training)):
+        fig = draw(data)
+        if fig is not None:
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png")
+            files[name] = buf.getvalue()
+    files["report.md"] = _summary_markdown(run_dir, data, [n for n in files if n.endswith(".png")]).encode()
+    tmp = None
+    try:  # all files appear together: written aside first, then renamed into place
+        tmp = fileio.new_temp_dir(out_dir.parent, prefix=f".{out_dir.name}-")
+        for name, data_bytes in files.items():
+            fileio.write_new(tmp / name, data_bytes)
+        fileio.publish_files(tmp, out_dir)
     except OSError as e:
-        raise LmcoreError(f"cannot write the report in {out_dir} ({first_line(e)}); free space, or pass "
-                          "--out with a writable folder") from None
-    return str(report)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise LmcoreError(write_failed(f"the report in {out_dir}", e, "metrics.jsonl is untouched",
+                                       "run it again (or pass --out with another folder)", out_dir)) from None
+    return str(out_dir / "report.md")
 
 
 class _Series:
