@@ -126,6 +126,22 @@ def trainer_state_without_keys(tmp: Path) -> bytes:
     return json.dumps({k: v for k, v in state.items() if k not in ("epoch", "index")}).encode()
 
 
+def newer_architecture(tmp: Path) -> None:
+    """What a checkpoint written by a newer lmcore looks like: an architecture key this one lacks."""
+    for ckpt in checkpoints(tmp):
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        manifest["architecture"]["attention_heads"] = 4
+        (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def adaptive_run(tmp: Path) -> None:
+    """A one-step run of an adaptive-softmax model (int8 generation is for the full softmax)."""
+    proc = subprocess.run([*LMCORE, "train", "--no-progress", "run.dir=" + str(tmp / "arun"), *TINY,
+                           "model.softmax=adaptive", "model.adaptive_cutoffs=[100]", "data.cache_dir=" +
+                           str(tmp / "acache")], env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
 PROMPTS = write("prompts.jsonl", '{"id": 1, "prompt": "the movie"}\n{"id": 2, "prompt": "a film"}\n')
 
 # -- argument templates --------------------------------------------------------------------------------
@@ -164,6 +180,40 @@ CASES: dict[str, Case] = {
         write("c.yaml", "- optim\n- train\n")),
     "config-a-folder": Case(
         ("train", "--config", "{tmp}/conf", "run.dir={tmp}/newrun"), ("{tmp}/conf",), mkdir("conf")),
+    # YAML that would silently mean something else: refused with the file and line
+    "config-duplicate-key": Case(
+        ("train", "--config", "{tmp}/c.yaml", "run.dir={tmp}/newrun"), ("c.yaml:3", "'lr' is given twice"),
+        write("c.yaml", "optim:\n  lr: 0.01\n  lr: 0.02\n")),
+    "config-sexagesimal-number": Case(
+        ("train", "--config", "{tmp}/c.yaml", "run.dir={tmp}/newrun"),
+        ("train.max_steps", "integer", "c.yaml:2"),
+        write("c.yaml", "train:\n  max_steps: 1:30\n")),
+    "config-octal-looking-number": Case(
+        ("train", "--config", "{tmp}/c.yaml", "run.dir={tmp}/newrun"), ("run.seed", "leading zero"),
+        write("c.yaml", "run:\n  seed: 010\n")),
+    "config-key-without-a-value": Case(
+        ("train", "--config", "{tmp}/c.yaml", "run.dir={tmp}/newrun"), ("optim.lr", "no value", "c.yaml:2"),
+        write("c.yaml", "optim:\n  lr:\n")),
+    "config-key-at-the-wrong-level": Case(
+        ("train", "--config", "{tmp}/c.yaml", "run.dir={tmp}/newrun"),
+        ("did you mean 'optim.lr'", "c.yaml:1"),
+        write("c.yaml", "lr: 0.01\n")),
+    "config-merge-key": Case(
+        ("train", "--config", "{tmp}/c.yaml", "run.dir={tmp}/newrun"), ("merge keys",),
+        write("c.yaml", "base: &b\n  lr: 1\noptim:\n  <<: *b\n"), slow=True),
+    "config-two-documents": Case(
+        ("train", "--config", "{tmp}/c.yaml", "run.dir={tmp}/newrun"), ("2 YAML documents",),
+        write("c.yaml", "optim: {}\n---\ntrain: {}\n"), slow=True),
+    "config-tab-indent": Case(
+        ("train", "--config", "{tmp}/c.yaml", "run.dir={tmp}/newrun"), ("not valid YAML", "line 2"),
+        write("c.yaml", "optim:\n\tlr: 1\n")),
+    "empty-run-dir": Case((*NEW_RUN[:2], *NEW_RUN[3:], "run.dir="), ("run.dir", "must not be empty")),
+    "adam-beta-out-of-range": Case((*NEW_RUN, "optim.betas=[0.9, 1.5]"), ("optim.betas", "[0, 1)")),
+    "adam-eps-zero": Case((*NEW_RUN, "optim.eps=0"), ("optim.eps", "> 0"), slow=True),
+    "token-cache-is-a-file": Case(
+        (*data("sample")[:-2], "data.cache_dir={tmp}/afile", "data.source=sample"),
+        ("{tmp}/afile", "is a file"),
+        write("afile", "not a folder\n")),
     "nan-learning-rate": Case((*NEW_RUN, "optim.lr=nan"), ("optim.lr",)),
     "inf-learning-rate": Case((*NEW_RUN, "optim.lr=.inf"), ("optim.lr",), slow=True),
     "nan-temperature": Case(
@@ -291,6 +341,14 @@ CASES: dict[str, Case] = {
     "optimizer-json-not-json": Case(
         RESUME, ("{ckpt}", "optimizer.json"), in_checkpoint("optimizer.json", lambda t: b'{"param_groups": '),
         run=True, slow=True),
+    "checkpoint-of-a-newer-lmcore": Case(
+        EVAL, ("attention_heads", "newer lmcore"), newer_architecture, run=True),
+    "int8-on-the-adaptive-softmax": Case(
+        ("generate", "run.dir={tmp}/arun", "run.threads=1", "generate.output_dir={tmp}/gen",
+         "generate.num_samples=2", "generate.precision=int8"), ("int8", "adaptive softmax"),
+        adaptive_run),
+    "verify-a-bit-flipped-checkpoint": Case(
+        ("verify", "{ckpt}"), ("{ckpt}", "fails its checksum"), flip_every_checkpoint, run=True),
     "trainer-state-missing-keys": Case(
         RESUME, ("{ckpt}", "trainer_state.json"),
         in_checkpoint("trainer_state.json", trainer_state_without_keys),

@@ -193,6 +193,8 @@ def test_unknown_partition_is_one_line_from_sbatch(slurm, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("lmcore: error: sbatch refused the train job: ")
     assert "invalid partition" in lines[0].lower()
     assert squeue_ids(slurm) == before
+    logs = Path(_local_values(tmp_path)["log_dir"])
+    assert not logs.exists() or not list(logs.rglob("*")), "the refused job's pickle stayed behind"
 
 
 def test_values_with_shell_syntax_run_nothing_on_a_real_submission(slurm, submitted, tmp_path, trained_run):

@@ -110,7 +110,8 @@ SITES = [
          ("lmcore/gen/job.py:ShardJob._write_chunk",), names="chunk-00000002", nth=3, midway=True,
          may_change=("out", "out/params.json", "out/chunks", "out/chunks/chunk-0000000[01].jsonl")),
     Site("generation shard lock", "open_lock", "*/out/.locks/*", "generate",
-         ("lmcore/runtime/lock.py:RunLock.acquire",), names="shard-00000", may_change=("out", "out/params.json")),
+         ("lmcore/runtime/lock.py:RunLock.acquire",), names="shard-00000",
+         may_change=("out", "out/params.json")),
     Site("merged generations", "atomic_write", "*/out/generations.jsonl", "merge",
          ("lmcore/gen/merge.py:merge_outputs",), midway=True),
     Site("generation manifest", "atomic_write", "*/out/manifest.json", "merge",
@@ -120,7 +121,8 @@ SITES = [
          ("lmcore/track/report.py:write_report",), names="report", midway=True),
     Site("report folder", "new_temp_dir", "*/run", "report", ("lmcore/track/report.py:write_report",),
          names="report"),
-    Site("report publish", "publish_files", "*/run/report", "report", ("lmcore/track/report.py:write_report",),
+    Site("report publish", "publish_files", "*/run/report", "report",
+         ("lmcore/track/report.py:write_report",),
          names="report"),
 ]
 
@@ -167,15 +169,13 @@ def prepare(site: Site, tmp: Path, ref: Path) -> None:
     if site.job == "skip-bad-lines":
         with open(tmp / "p.jsonl", "a", encoding="utf-8") as f:
             f.write("not json\n")
-    if site.job == "merge":  # the chunks of a finished job, not merged yet
-        proc = subprocess.run([sys.executable, "-m", "lmcore", *command(site, tmp, ref)[:1],
-                               *command(site, tmp, ref)[2:], "generate.num_shards=2", "generate.shard_index=0"],
-                              env=child_env(), capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr
-        proc = subprocess.run([sys.executable, "-m", "lmcore", *command(site, tmp, ref)[:1],
-                               *command(site, tmp, ref)[2:], "generate.num_shards=2", "generate.shard_index=1"],
-                              env=child_env(), capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr
+    if site.job == "merge":  # the chunks of a finished job in two shards, not merged yet
+        job = command(site, tmp, ref)
+        for shard in (0, 1):
+            proc = subprocess.run([sys.executable, "-m", "lmcore", job[0], *job[2:], "generate.num_shards=2",
+                                   f"generate.shard_index={shard}"],
+                                  env=child_env(), capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr
 
 
 def debris(folder: Path) -> list[str]:
@@ -230,16 +230,16 @@ def write_call_sites() -> set[str]:
             continue
         rel = str(path.relative_to(REPO))
 
-        def visit(node: ast.AST, scope: list[str]) -> None:
+        def visit(node: ast.AST, scope: list[str], rel: str = rel) -> None:
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                    visit(child, [*scope, child.name])
+                    visit(child, [*scope, child.name], rel)
                     continue
                 if (isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute)
                         and isinstance(child.func.value, ast.Name) and child.func.value.id == "fileio"
                         and child.func.attr in writers):
                     found.add(f"{rel}:{'.'.join(scope)}")
-                visit(child, scope)
+                visit(child, scope, rel)
 
         visit(ast.parse(path.read_text(encoding="utf-8")), [])
     return found

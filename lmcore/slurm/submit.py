@@ -244,6 +244,8 @@ def submit_plan(specs: list[JobSpec], profile: Profile) -> list[Submitted]:
         params = dict(spec.params)
         if spec.depends_on:
             params = after_ok(params, by_kind[spec.depends_on].job_id)
+        staging = log_folder(profile).parent  # where submitit puts a job's pickle and script before sbatch
+        before = _listing(staging)
         try:
             ex = make_executor(profile, params)
             # submitit prints sbatch's stderr itself on failure; we say it in one line below
@@ -252,6 +254,7 @@ def submit_plan(specs: list[JobSpec], profile: Profile) -> list[Submitted]:
         except SubmitError:
             raise
         except Exception as e:
+            _remove_staged(staging, before)
             message = f"sbatch refused the {spec.kind} job: {sbatch_error(e)}"
             if done:
                 ids = [s.job_id for s in done]
@@ -264,6 +267,22 @@ def submit_plan(specs: list[JobSpec], profile: Profile) -> list[Submitted]:
         done.append(sub)
         by_kind[spec.kind] = sub
     return done
+
+
+def _listing(folder: Path) -> set[Path] | None:
+    return set(folder.iterdir()) if folder.is_dir() else None
+
+
+def _remove_staged(folder: Path, before: set[Path] | None) -> None:
+    """What submitit wrote for a submission sbatch refused (a pickle, a script; the folder itself
+    if it made it): nothing of a job that never existed stays behind."""
+    if not folder.is_dir():
+        return
+    for p in set(folder.iterdir()) - (before or set()):
+        if p.is_file() and (p.suffix == ".pkl" or p.name.startswith(".submission_file_")):
+            p.unlink(missing_ok=True)
+    if before is None and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def job_state(job) -> str:
