@@ -1,6 +1,6 @@
 """Evaluation entry point for launchers (sharded over ranks, same figure as one process).
 
-    torchrun --standalone --nproc_per_node 2 jobs/eval.py --config configs/tiny.yaml
+    torchrun --standalone --nproc_per_node 2 jobs/eval.py --config tiny
 """
 
 import sys

@@ -1,8 +1,8 @@
 """Training entry point for launchers: python, torchrun, accelerate launch, srun.
 
-    python jobs/train.py --config configs/tiny.yaml
-    torchrun --standalone --nproc_per_node 2 jobs/train.py --config configs/tiny.yaml
-    accelerate launch --multi_gpu --num_processes 8 jobs/train.py --config configs/imdb_seed.yaml
+    python jobs/train.py --config tiny
+    torchrun --standalone --nproc_per_node 2 jobs/train.py --config tiny
+    accelerate launch --multi_gpu --num_processes 8 jobs/train.py --config imdb_seed
 """
 
 import sys

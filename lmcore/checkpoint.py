@@ -31,12 +31,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 
 from lmcore import fileio
-from lmcore.config import ModelConfig
 from lmcore.data.tokenizer import WordTokenizer
 from lmcore.errors import CheckpointError, LmcoreError, first_line
 from lmcore.model import LSTMLM
 from lmcore.rundir import STEP_PREFIX, RunDir
-from lmcore.schema import Reader, Value
 
 MANIFEST = "manifest.json"
 FORMAT = "lmcore-checkpoint"
@@ -241,22 +239,8 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint {self.path}: tokenizer.json does not match the weights")
         return tok
 
-    def load_weights(self, model: torch.nn.Module) -> None:
-        try:
-            state = load_tensors(self.files["model.safetensors"])
-        except (KeyError, SafetensorError, ValueError) as e:
-            raise CheckpointError(f"cannot load weights from {self.path}: {first_line(e)}") from None
-        try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as e:  # a shape that does not fit
-            raise CheckpointError(f"cannot load weights from {self.path}: {first_line(e)}") from None
-        # tied weights are stored once, under either of their names
-        storage = {name: (t.data_ptr(), tuple(t.shape)) for name, t in model.state_dict().items()}
-        loaded = {storage[name] for name in state if name in storage}
-        missing = [k for k in missing if storage.get(k) not in loaded]
-        if missing or unexpected:
-            raise CheckpointError(f"weights in {self.path} do not fit the model (missing {missing}, "
-                                  f"unexpected {list(unexpected)})")
+    def load_weights(self, model: LSTMLM) -> None:
+        model.load_weights(self.files["model.safetensors"], self.path)
 
     def optimizer_state(self) -> dict[str, Any]:
         return optimizer_from_files(self._tensors("optimizer.safetensors"), self._json("optimizer.json"))
@@ -268,22 +252,13 @@ class Checkpoint:
         name = f"rank_{rank:05d}.safetensors"
         return self._tensors(name) if name in self.files else None
 
-    def model_config(self) -> ModelConfig:
-        """The architecture as a ModelConfig; keys a newer lmcore wrote are refused, clearly."""
-        arch = {k: v for k, v in self.manifest["architecture"].items() if k != "vocab_size"}
-        reader = Reader(lambda key: f"checkpoint {self.path}: architecture {key}",
-                        lambda key: f"checkpoint {self.path} has an architecture key this lmcore does not "
-                                    f"know ('{key}': written by a newer lmcore? upgrade lmcore to use it)",
-                        CheckpointError)
-        return reader.build(ModelConfig, Value.of(arch))
-
     def check_compatible(self, architecture: dict[str, Any], fingerprint: str) -> None:
         if self.manifest["tokenizer_fingerprint"] != fingerprint:
             raise CheckpointError(
                 f"checkpoint {self.path} was trained with another vocabulary (tokenizer "
                 f"{self.manifest['tokenizer_fingerprint']}, this run {fingerprint}); use the tokenizer.json "
                 "saved with the checkpoint, or a new run.dir")
-        self.model_config()  # unknown keys: a newer lmcore's checkpoint
+        LSTMLM.model_config(self.manifest["architecture"], f"checkpoint {self.path}")  # a newer lmcore's?
         theirs = self.manifest["architecture"]
         diff = [f"{k}: checkpoint {theirs.get(k)!r} vs config {v!r}" for k, v in architecture.items()
                 if theirs.get(k) != v]
@@ -297,8 +272,9 @@ class Checkpoint:
         vocab = self.manifest["architecture"].get("vocab_size")
         if vocab != len(tok):
             raise CheckpointError(f"checkpoint {self.path}: tokenizer.json does not match the weights")
-        model = LSTMLM(vocab, self.model_config(), tok.pad_id)
-        self.load_weights(model)
+        weights = self.files["model.safetensors"]
+        model = LSTMLM.from_weights(self.manifest["architecture"], tok.pad_id, weights,
+                                    f"checkpoint {self.path}")
         return model.to(device).eval(), tok
 
 

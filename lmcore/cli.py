@@ -11,23 +11,35 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+from lmcore import __version__
 from lmcore.errors import LmcoreError
+from lmcore.overrides import OverrideSyntaxError, normalize, unknown_argument
 
 # Each command imports what it needs when it runs, so that `lmcore --help`, completion and
 # bad-argument errors take a few tens of milliseconds (yaml alone is ~15 ms, torch ~1.5 s).
 
 EPILOG = """\
-overrides are dotted keys after the options, e.g.
-  lmcore train --config configs/imdb_seed.yaml optim.lr=3e-4 train.max_steps=200 run.dir=runs/a
-Several processes (DDP) run the same command under a launcher:
-  torchrun --standalone --nproc_per_node 2 --no-python lmcore train --config configs/tiny.yaml
+overrides are dotted keys after the options, as key=value, --key=value or --key value:
+  lmcore train --config imdb_seed optim.lr=3e-4 --train.max_steps 200 run.dir=runs/a
+--config takes a built-in name (lmcore configs) or a YAML file. Several processes (DDP) run
+the same command under a launcher:
+  torchrun --standalone --nproc_per_node 2 --no-python lmcore train --config tiny
 """
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="YAML config (see configs/); defaults apply when omitted")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted config overrides, e.g. optim.lr=3e-4 run.dir=runs/x")
+JOB_HELP = {
+    "train": ("train (or resume) a model; checkpoints go to run.dir",
+              "Train a model, resuming from run.dir's latest checkpoint if any (train.resume=never to "
+              "refuse)."),
+    "eval": ("masked perplexity of a checkpoint on a split",
+             "Evaluate a checkpoint (eval.checkpoint, or run.dir's latest) on eval.split; writes "
+             "eval_SPLIT.json beside the checkpoint."),
+    "generate": ("sample text from a checkpoint (a few lines, or bulk to files)",
+                 "Generate completions for --prompt texts, a prompts file (generate.prompts) or "
+                 "generate.num_samples unconditional samples. With generate.output_dir: the bulk job "
+                 "(sharded, resumable JSONL)."),
+    "config": ("print the resolved config as YAML (--explain: every key)",
+               "Print the config that a job would run with; --explain lists every key with its type, "
+               "default, allowed values and what it does."),
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,46 +50,40 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="lmcore", description="Train, evaluate and generate with a word-level LSTM language model.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("train", help="train (or resume) a model; checkpoints go to run.dir",
-                       description="Train a model, resuming from run.dir's latest checkpoint if any "
-                                   "(train.resume=never to refuse).", epilog=EPILOG,
+def _job_parser(sub, name: str) -> argparse.ArgumentParser:
+    short, long = JOB_HELP[name]
+    p = sub.add_parser(name, help=short, description=long, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_common(p)
+    p.add_argument("--config", "-c", metavar="NAME_OR_FILE",
+                   help="a built-in config (lmcore configs) or a YAML file; defaults apply when omitted")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted config overrides, e.g. optim.lr=3e-4 run.dir=runs/x")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lmcore", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     description="Train, evaluate and generate with a word-level LSTM language model.")
+    parser.add_argument("--version", action="version", version=f"lmcore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = _job_parser(sub, "train")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
     p.add_argument("--stop-signals", default="TERM,USR2", metavar="SIGS",
                    help="signals that save a checkpoint and exit with status 3 so the job can be "
                         "requeued and resumed (default: TERM,USR2; '' for none)")
-
-    p = sub.add_parser("eval", help="masked perplexity of a checkpoint on a split",
-                       description="Evaluate a checkpoint (eval.checkpoint, or run.dir's latest) on "
-                                   "eval.split; writes eval_SPLIT.json beside the checkpoint.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_common(p)
+    p = _job_parser(sub, "eval")
     p.add_argument("--checkpoint", help="checkpoint or run folder (overrides eval.checkpoint)")
-
-    p = sub.add_parser("generate", help="sample text from a checkpoint (a few lines, or bulk to files)",
-                       description="Generate completions for --prompt texts, a prompts file "
-                                   "(generate.prompts) or generate.num_samples unconditional samples. "
-                                   "With generate.output_dir: the bulk job (sharded, resumable JSONL).",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_common(p)
+    p = _job_parser(sub, "generate")
     p.add_argument("--checkpoint", help="checkpoint or run folder (overrides generate.checkpoint)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--merge", action="store_true",
                    help="merge the finished shards in generate.output_dir into one file + manifest")
-
+    p = _job_parser(sub, "config")
+    p.add_argument("--explain", action="store_true", help="every key: type, value, default, allowed, help")
     p = sub.add_parser("report", help="plots and a summary of a run folder (no W&B needed)",
                        description="Draw PNG plots from RUN_DIR/metrics.jsonl and write a summary.")
     p.add_argument("run_dir", help="a run folder (holds metrics.jsonl)")
     p.add_argument("--out", help="where to write (default: RUN_DIR/report)")
-
     p = sub.add_parser("verify", help="check a checkpoint's files and print its fingerprint",
                        description="Read every file of a checkpoint (or a run folder's latest), check it "
                                    "against the manifest, and print the checkpoint's fingerprint (sha256 of "
@@ -85,14 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "The manifest catches truncation and bit rot; it does not authenticate: "
                                    "compare the fingerprint with the one the checkpoint's author published.")
     p.add_argument("checkpoint", help="a checkpoint folder or a run folder")
-
+    p = sub.add_parser("export", help="write a Hugging Face-style model folder from a checkpoint",
+                       description="Write config.json, model.safetensors, tokenizer.json and a README.md "
+                                   "model card into OUT_DIR; it loads with LSTMLM.from_pretrained(OUT_DIR), "
+                                   "and eval and generate take it as a checkpoint.")
+    p.add_argument("checkpoint", help="a checkpoint folder or a run folder (its latest checkpoint)")
+    p.add_argument("out_dir", help="the folder to write (must be empty, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace a folder that is not empty")
     sub.add_parser("submit", help="submit train/eval/generate/pipeline to SLURM (see 'lmcore submit -h')",
                    add_help=False)
-
-    p = sub.add_parser("config", help="print the resolved config as YAML",
-                       description="Print the config that a job would run with.", epilog=EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_common(p)
+    sub.add_parser("configs", help="list the built-in configs and cluster profiles")
+    sub.add_parser("sbatch-template", help="print the plain sbatch script (> job.sbatch, then sbatch it)")
+    p = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
+                       description="Print a completion script: eval \"$(lmcore completion bash)\" in "
+                                   "~/.bashrc, or eval \"$(lmcore completion zsh)\" in ~/.zshrc.")
+    p.add_argument("shell", choices=["bash", "zsh"])
     return parser
 
 
@@ -111,27 +124,29 @@ def run(argv: Sequence[str] | None = None) -> int:
 
         return submit_main(argv[1:])
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    try:
+        args, extra = parser.parse_known_args(normalize(argv))
+    except OverrideSyntaxError as e:
+        parser.error(str(e))
     # Overrides may come before and after options: argparse leaves the later ones over.
     for item in extra:
         if item.startswith("-") or "=" not in item:
-            parser.error(f"unrecognized argument {item!r}")
+            parser.error(unknown_argument(item))
     args.overrides = [*getattr(args, "overrides", []), *extra]
-    if args.command == "report":
-        from lmcore.track.report import write_report
+    return _command(args)
 
-        print(write_report(args.run_dir, args.out))
-        return 0
-    if args.command == "verify":
-        from lmcore.checkpoint import resolve
 
-        print(json.dumps(resolve(args.checkpoint).summary()))
+def _command(args: argparse.Namespace) -> int:
+    if args.command in ("report", "verify", "export", "configs", "sbatch-template", "completion"):
+        print(_tool(args), end="")
         return 0
     from lmcore.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.command == "config":
-        print(cfg.to_yaml(), end="")
+        from lmcore.explain import explain_text
+
+        print(explain_text(cfg) if args.explain else cfg.to_yaml(), end="")
         return 0
     if getattr(args, "checkpoint", None):
         getattr(cfg, "eval" if args.command == "eval" else "generate").checkpoint = args.checkpoint
@@ -141,8 +156,34 @@ def run(argv: Sequence[str] | None = None) -> int:
         for line in preview(cfg, args.prompt):
             print(line)
         return 0
-    kind = "merge" if getattr(args, "merge", False) else args.command
-    return _run_job(kind, cfg, args)
+    return _run_job("merge" if getattr(args, "merge", False) else args.command, cfg, args)
+
+
+def _tool(args: argparse.Namespace) -> str:
+    """The text the commands that run no job print."""
+    if args.command == "report":
+        from lmcore.track.report import write_report
+
+        return write_report(args.run_dir, args.out) + "\n"
+    if args.command == "verify":
+        from lmcore.checkpoint import resolve
+
+        return json.dumps(resolve(args.checkpoint).summary()) + "\n"
+    if args.command == "export":
+        from lmcore.export import export
+
+        return json.dumps(export(args.checkpoint, args.out_dir, args.force)) + "\n"
+    if args.command == "configs":
+        from lmcore.presets import listing
+
+        return listing()
+    if args.command == "sbatch-template":
+        from lmcore.presets import SBATCH_TEMPLATE
+
+        return SBATCH_TEMPLATE.read_text(encoding="utf-8")
+    from lmcore.completion import script
+
+    return script(args.shell, build_parser())
 
 
 def _run_job(kind: str, cfg, args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 
 from lmcore.errors import ConfigError
+from lmcore.presets import config_path
 from lmcore.schema import Reader, Value, read_yaml, set_path, setting, where_of
 
 
@@ -194,8 +195,8 @@ def parse_override(text: str) -> tuple[list[str], Value]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults < YAML file < command-line overrides."""
-    tree = read_yaml(path) if path else Value({})
+    """Defaults < YAML file (a path, or a built-in name: `lmcore configs`) < command-line overrides."""
+    tree = read_yaml(config_path(str(path))) if path else Value({})
     for text in overrides or []:
         keys, value = parse_override(text)
         set_path(tree, keys, value, _not_a_section)

@@ -6,9 +6,9 @@ alone (grouped by length) and dealt round-robin to ranks; each batch's summed NL
 back to every rank and is added with math.fsum, which is exact whatever the order, so
 1 process and N processes give the same figure and no review is counted twice.
 
-The notebook's own figure (mean loss over all 257 positions of its rows, padding and the
-`<eos>` it puts after the padding included) is available for comparison only: it is not
-a perplexity of the text.
+The notebook's own figure (torchmetrics' Perplexity over all 257 positions of its rows,
+padding and the `<eos>` it puts after the padding included, as the notebook computes it) is
+available for comparison only: it is not a perplexity of the text.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from torchmetrics.text import Perplexity
 
 from lmcore import fileio
 from lmcore.checkpoint import resolve
@@ -33,6 +34,8 @@ from lmcore.model import LSTMLM
 from lmcore.rundir import RunDir
 from lmcore.runtime.accelerator import make_accelerator
 from lmcore.track.wandb_init import open_tracker
+
+NOTEBOOK_CHUNK = 512  # positions per chunk of the notebook figure's logits (80 MB at 40k words)
 
 
 @dataclass
@@ -58,6 +61,20 @@ def notebook_rows(docs: list[np.ndarray], tok: WordTokenizer, truncate: int) -> 
         d = d[:truncate]
         rows[r, 1 : len(d) + 1] = d
     return rows
+
+
+def notebook_nll(model: LSTMLM, rows: torch.Tensor) -> tuple[float, int]:
+    """The notebook's figure for one batch of its rows, computed as it computes it: torchmetrics'
+    Perplexity (no ignore_index) on the logits of every position, pads and the <eos> after them
+    included. In chunks of positions, so that a batch's logits never exist at once (16k positions
+    x 40k words would be 2.6 GB)."""
+    h, _ = model.features(rows[:, :-1])
+    h, targets = h.reshape(-1, h.shape[-1]), rows[:, 1:].reshape(-1)
+    metric = Perplexity().to(rows.device)
+    for lo in range(0, len(h), NOTEBOOK_CHUNK):
+        logits = model.logits(h[lo : lo + NOTEBOOK_CHUNK]).float()
+        metric.update(logits.unsqueeze(0), targets[lo : lo + NOTEBOOK_CHUNK].unsqueeze(0))
+    return float(metric.total_log_probs), int(metric.count)
 
 
 def _sum_over_ranks(local: list[tuple[float, int]], num_batches: int, accelerator) -> tuple[float, int]:
@@ -96,8 +113,7 @@ def evaluate(model: LSTMLM, split: TokenizedSplit, tok: WordTokenizer, batch_siz
         if notebook_figure and truncate:
             rows = torch.from_numpy(notebook_rows(docs, tok, truncate)).to(device)
             with autocast():
-                out = model(rows[:, :-1], targets=rows[:, 1:])
-            unmasked.append((float(out.loss_sum), out.num_targets))
+                unmasked.append(notebook_nll(model, rows))
     nll, count = _sum_over_ranks(masked, len(groups), accelerator)
     seconds = time.perf_counter() - t0
     notebook_ppl = None

@@ -8,15 +8,22 @@ positions that are scored: padding never reaches the vocabulary projection.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
 
 from lmcore.config import ModelConfig
 from lmcore.data.batching import IGNORE
-from lmcore.errors import ConfigError
+from lmcore.errors import CheckpointError, ConfigError, first_line
 from lmcore.loss import linear_cross_entropy
+from lmcore.schema import Reader, Value
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -74,6 +81,56 @@ class LSTMLM(nn.Module):
     def architecture(self) -> dict:
         """What a checkpoint must match to be loaded into this model."""
         return {"vocab_size": self.vocab_size, **asdict(self.cfg)}
+
+    # -- from saved weights ---------------------------------------------------------------------
+    @staticmethod
+    def model_config(architecture: dict[str, Any], where: object) -> ModelConfig:
+        """A saved architecture as a ModelConfig; keys a newer lmcore wrote are refused, clearly."""
+        reader = Reader(lambda key: f"{where}: architecture {key}",
+                        lambda key: f"{where} has an architecture key this lmcore does not know ('{key}': "
+                                    "written by a newer lmcore? upgrade lmcore to use it)", CheckpointError)
+        given = {k: v for k, v in architecture.items() if k != "vocab_size"}
+        return reader.build(ModelConfig, Value.of(given))
+
+    @classmethod
+    def from_weights(cls, architecture: dict[str, Any], pad_id: int, weights: bytes, where: object) -> LSTMLM:
+        """The model an architecture and a model.safetensors (its bytes) describe, in eval mode."""
+        model = cls(architecture["vocab_size"], cls.model_config(architecture, where), pad_id)
+        model.load_weights(weights, where)
+        return model.eval()
+
+    def load_weights(self, weights: bytes, where: object) -> None:
+        """Load a model.safetensors (its bytes); tied weights are stored once, under either name."""
+        try:
+            state = load_tensors(weights)
+            missing, unexpected = self.load_state_dict(state, strict=False)
+        except (SafetensorError, ValueError, RuntimeError) as e:  # not safetensors; shapes that do not fit
+            raise CheckpointError(f"cannot load weights from {where}: {first_line(e)}") from None
+        storage = {name: (t.data_ptr(), tuple(t.shape)) for name, t in self.state_dict().items()}
+        loaded = {storage[name] for name in state if name in storage}
+        missing = [k for k in missing if storage.get(k) not in loaded]
+        if missing or unexpected:
+            raise CheckpointError(f"weights in {where} do not fit the model (missing {missing}, unexpected "
+                                  f"{list(unexpected)})")
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> LSTMLM:
+        """A model exported by `lmcore export` (config.json + model.safetensors), its weights
+        checked against the sha256 config.json records. The tokenizer is folder/tokenizer.json
+        (lmcore.data.tokenizer.WordTokenizer.load)."""
+        folder = Path(folder)
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            weights = (folder / "model.safetensors").read_bytes()
+            architecture, expected = config["lmcore"]["architecture"], config["lmcore"]["weights_sha256"]
+            pad_id = config["pad_token_id"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{folder} is not an lmcore export ({first_line(e)}); make one with "
+                                  "lmcore export RUN_OR_CHECKPOINT OUT_DIR") from None
+        if hashlib.sha256(weights).hexdigest() != expected:
+            raise CheckpointError(f"{folder}/model.safetensors does not match the sha256 config.json records "
+                                  "(truncated or edited)")
+        return cls.from_weights(architecture, pad_id, weights, folder)
 
     def features(self, input_ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         x = self.dropout(self.embedding(input_ids))

@@ -9,9 +9,9 @@ lmcore=("${LMCORE_VENV:-$repo/.venv}/bin/lmcore")
 run_dir="${1:-runs/quickstart}"
 
 echo "== train ($run_dir)"
-"${lmcore[@]}" train --config configs/tiny.yaml "run.dir=$run_dir"
+"${lmcore[@]}" train --config tiny "run.dir=$run_dir"
 echo "== eval"
-"${lmcore[@]}" eval --config configs/tiny.yaml "run.dir=$run_dir"
+"${lmcore[@]}" eval --config tiny "run.dir=$run_dir"
 echo "== generate"
-"${lmcore[@]}" generate --config configs/tiny.yaml "run.dir=$run_dir" \
+"${lmcore[@]}" generate --config tiny "run.dir=$run_dir" \
   --prompt "the movie was" --prompt "i really wanted to like" --prompt ""

@@ -23,7 +23,7 @@ if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
     "${pip[@]}" "$torch_spec"
   fi
 fi
-if ! "$venv/bin/python" -c "import lmcore, pytest, submitit, wandb, matplotlib" >/dev/null 2>&1; then
+if ! "$venv/bin/python" -c "import lmcore, pytest, submitit, wandb, matplotlib, datasets" >/dev/null 2>&1; then
   "${pip[@]}" -e "$repo[dev]"
 fi
 echo "lmcore installed in $venv ($("$venv/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

@@ -14,16 +14,16 @@ from tests.conftest import REPO
 # Lowest first. A module may import modules of its own layer or of a lower one.
 LAYERS = [
     ("foundations", ["lmcore", "lmcore.errors", "lmcore.fileio", "lmcore.rundir", "lmcore.schema",
-                     "lmcore.slurm", "lmcore.slurm.env"]),
-    ("config", ["lmcore.config"]),
+                     "lmcore.slurm", "lmcore.slurm.env", "lmcore.deps", "lmcore.presets", "lmcore.explain"]),
+    ("config", ["lmcore.config", "lmcore.overrides"]),
     ("data, runtime, tracking", ["lmcore.data.*", "lmcore.loss", "lmcore.runtime.*", "lmcore.track.*"]),
     ("model", ["lmcore.model", "lmcore.optim"]),
     ("checkpoints", ["lmcore.checkpoint"]),
     ("evaluation, generation", ["lmcore.evaluate", "lmcore.gen.*"]),
     ("training", ["lmcore.trainer"]),
-    ("the dispatcher", ["lmcore.jobs"]),
+    ("the dispatcher, export", ["lmcore.jobs", "lmcore.export"]),
     ("SLURM", ["lmcore.slurm.profile", "lmcore.slurm.entry", "lmcore.slurm.submit", "lmcore.slurm.cli"]),
-    ("command line", ["lmcore.cli", "lmcore.__main__"]),
+    ("command line", ["lmcore.cli", "lmcore.__main__", "lmcore.completion"]),
 ]
 
 

@@ -252,6 +252,23 @@ def test_hub_offline_names_the_local_alternatives():
     assert "data.source=PATH" in message and "data.source=sample" in message
 
 
+def test_a_hub_dataset_is_cached_by_its_fingerprint_so_a_new_revision_is_encoded_afresh(tmp_path):
+    """The hub code path (datasets.load_dataset) on a local dataset folder, which works offline."""
+    from lmcore.data.sources import Split
+
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    write_jsonl(ds / "train.jsonl", REVIEWS)
+    cfg = data_cfg(f"hub:{ds}", tmp_path, min_count=1, val_split="")
+    first = Split(cfg.source, "train")
+    assert first.identity.startswith(f"hub:{ds}:train:") and first.texts() == REVIEWS
+    tok = fit_tokenizer(cfg)
+    assert len(load_split(cfg, "train", tok)) == len(REVIEWS)
+    write_jsonl(ds / "train.jsonl", [*REVIEWS, "a new review"])  # the dataset's next revision
+    assert Split(cfg.source, "train").identity != first.identity
+    assert len(load_split(cfg, "train", tok)) == len(REVIEWS) + 1  # not the stale ids of the old one
+
+
 # -- the real IMDB vocabulary -----------------------------------------------------------------
 def test_imdb_vocabulary_is_the_notebooks(tmp_path):
     train_file = IMDB / "train.jsonl.gz"

@@ -8,6 +8,7 @@ import os
 import torch
 
 from lmcore.config import Config
+from lmcore.deps import require
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
 
@@ -32,6 +33,7 @@ def make_accelerator(cfg: Config):
     launch, srun) set up the environment. On a machine without CUDA it must be told cpu=True,
     or a 2-process CPU launch silently runs two unconnected copies."""
     os.environ.setdefault("ACCELERATE_DISABLE_RICH", "1")  # read when accelerate is imported, just below
+    require("accelerate")
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 

@@ -1,6 +1,6 @@
 """Running lmcore's jobs on SLURM: cluster profiles, submitit submission, the job entry point.
 
-    lmcore submit train --cluster local --config configs/tiny.yaml        # see `lmcore submit -h`
+    lmcore submit train --cluster local --config tiny        # see `lmcore submit -h`
 
     profile  Profile: where and with what resources jobs run (configs/slurm/*.yaml)
     submit   plan, submit_plan, wait: profile + config -> submitit jobs, dry runs

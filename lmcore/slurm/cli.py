@@ -13,16 +13,18 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from lmcore.slurm import JobFailedError, SubmitError
+from lmcore.deps import require
+from lmcore.overrides import OverrideSyntaxError, normalize, unknown_argument
+from lmcore.slurm import JobFailedError
 
 EPILOG = """\
 examples:
-  lmcore submit train --cluster local --config configs/tiny.yaml run.dir=runs/slurm1
-  lmcore submit generate --cluster gpu_example --config configs/imdb_seed.yaml --shards 64 \\
+  lmcore submit train --cluster local --config tiny run.dir=runs/slurm1
+  lmcore submit generate --cluster gpu_example --config imdb_seed --shards 64 \\
       generate.prompts=prompts.jsonl generate.output_dir=gen/
-  lmcore submit pipeline --cluster local --config configs/tiny.yaml --dry-run
+  lmcore submit pipeline --cluster local --config tiny --dry-run
 
-PROFILE is a name in configs/slurm/ (e.g. local) or a YAML path. Generation is a job array
+PROFILE and CONFIG are built-in names (lmcore configs) or YAML files. Generation is a job array
 (one shard per task, profile array_parallelism at once) plus a merge job; a pipeline chains
 train -> eval -> generate -> merge with afterok dependencies. Jobs checkpoint and requeue
 themselves on the profile's warning signal (USR2 by default) and resume where they stopped.
@@ -44,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("kind", choices=["train", "eval", "generate", "pipeline"], help="what to submit")
     p.add_argument("--cluster", required=True, metavar="PROFILE",
-                   help="cluster profile: a name in configs/slurm/ or a YAML file")
-    p.add_argument("--config", "-c", help="run config (YAML); defaults apply when omitted")
+                   help="cluster profile: a built-in name (lmcore configs) or a YAML file")
+    p.add_argument("--config", "-c", help="run config: a built-in name or a YAML file; defaults apply when "
+                                          "omitted")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script(s); submit nothing")
     p.add_argument("--shards", type=int, default=0,
                    help="generation shards = array tasks (default: generate.num_shards, else 1)")
@@ -58,62 +61,66 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str]) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(list(argv))
+    try:
+        args, extra = parser.parse_known_args(normalize(list(argv)))
+    except OverrideSyntaxError as e:
+        parser.error(str(e))
     for item in extra:
         if item.startswith("-") or "=" not in item:
-            parser.error(f"unrecognized argument {item!r}")
-    overrides = list(extra)
+            parser.error(unknown_argument(item))
     if args.shards < 0:
         parser.error("--shards must be >= 0")
-
-    try:  # here rather than at the top: a missing submitit is one clear line, not an ImportError
-        import submitit  # noqa: F401
-    except ImportError:
-        raise SubmitError("lmcore submit needs submitit: pip install 'lmcore[slurm]'") from None
+    require("submitit")  # before lmcore.slurm.submit imports it: one clear line, not an ImportError
     from lmcore.config import load_config
     from lmcore.slurm.profile import load_profile
-    from lmcore.slurm.submit import describe, dry_run_text, plan, submit_plan, wait
+    from lmcore.slurm.submit import dry_run_text, plan, submit_plan
 
     profile = load_profile(args.cluster)
-    cfg = load_config(args.config, overrides)  # a bad config stops here, before sbatch
+    cfg = load_config(args.config, extra)  # a bad config stops here, before sbatch
     specs = plan(args.kind, profile, cfg, shards=args.shards)
     if args.dry_run:
-        summary = " ".join(shlex.quote(x) for x in [args.config or "defaults", *overrides])
+        summary = " ".join(shlex.quote(x) for x in [args.config or "defaults", *extra])
         print(dry_run_text(specs, profile, summary), end="")
         return 0
-
     submitted = submit_plan(specs, profile)
-    report = []
-    for spec, sub in zip(specs, submitted, strict=True):
-        out, err = sub.log_paths()
-        ids = [j.job_id for j in sub.jobs]
-        report.append({"kind": sub.kind, "job_id": sub.job_id, "tasks": ids, "stdout": out, "stderr": err})
-        if not args.json:
-            print(f"submitted {describe(spec).replace(' job:', f' job {sub.job_id}:', 1)}")
-            print(f"  logs:  {out}\n         {err}"
-                  + ("  (one pair per task/rank: _0_ is rank 0)" if spec.params["ntasks_per_node"] > 1
-                     or spec.params["nodes"] > 1 else ""))
-            print(f"  watch: squeue -j {sub.job_id}    cancel: scancel {sub.job_id}")
-        if spec.kind == "merge" and not args.json:
-            out_dir = spec.calls[0].cfg["generate"]["output_dir"]
-            print(f"  the merged generations go to {out_dir}")
+    report = [_announce(spec, sub, args.json) for spec, sub in zip(specs, submitted, strict=True)]
     sys.stdout.flush()
-    if not args.wait:
-        if args.json:
-            print(json.dumps({"jobs": report}))
-        return 0
-    status = 0
+    status = _wait_all(report, submitted, args) if args.wait else 0
+    if args.json:
+        print(json.dumps({"jobs": report}, default=str))
+    return status
+
+
+def _announce(spec, sub, quiet: bool) -> dict:
+    """What was submitted, said once: ids, log files, how to watch and cancel it."""
+    from lmcore.slurm.submit import describe
+
+    out, err = sub.log_paths()
+    entry = {"kind": sub.kind, "job_id": sub.job_id, "tasks": [j.job_id for j in sub.jobs], "stdout": out,
+             "stderr": err}
+    if not quiet:
+        print(f"submitted {describe(spec).replace(' job:', f' job {sub.job_id}:', 1)}")
+        several = spec.params["ntasks_per_node"] > 1 or spec.params["nodes"] > 1
+        ranks = "  (a pair per task/rank: _0_ is rank 0)" if several else ""
+        print(f"  logs:  {out}\n         {err}{ranks}")
+        print(f"  watch: squeue -j {sub.job_id}    cancel: scancel {sub.job_id}")
+        if spec.kind == "merge":
+            print(f"  the merged generations go to {spec.calls[0].cfg['generate']['output_dir']}")
+    return entry
+
+
+def _wait_all(report: list[dict], submitted: list, args: argparse.Namespace) -> int:
+    """--wait: each job's results, in order; 1 at the first job that ends without one."""
+    from lmcore.slurm.submit import wait
+
     for entry, sub in zip(report, submitted, strict=True):
         try:
             entry["results"] = wait(sub, args.timeout)
         except JobFailedError as e:
             entry["error"] = str(e)
             print(f"lmcore: error: {e}", file=sys.stderr)
-            status = 1
-            break
+            return 1
         if not args.json:
             print(json.dumps({"kind": sub.kind, "job_id": sub.job_id, "results": entry["results"]},
                              default=str))
-    if args.json:
-        print(json.dumps({"jobs": report}, default=str))
-    return status
+    return 0

@@ -1,9 +1,9 @@
 """Cluster profiles: where and with what resources jobs run, as a typed dataclass from YAML.
 
-A profile is `configs/slurm/NAME.yaml` (or any path). Unknown keys, wrong types and values
-SLURM would refuse (a time limit in another format, a signal name that does not exist) stop
-before anything is submitted, with one line naming the key and the valid choices, as
-lmcore/config.py does for run configs.
+A profile is a built-in name (configs/slurm/NAME.yaml, shipped in the package) or a path.
+Unknown keys, wrong types and values SLURM would refuse (a time limit in another format, a
+signal name that does not exist) stop before anything is submitted, with one line naming the
+key and the valid choices, by the engine run configs use (lmcore/schema.py).
 
 Every string that ends up in the sbatch script is checked here for control characters: a
 newline inside a value would end an `#SBATCH` line and start a shell line. Quoting is done
@@ -18,9 +18,9 @@ import re
 import signal
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from lmcore.presets import profile_path
 from lmcore.schema import Reader, Value, read_yaml, setting, walk
 from lmcore.slurm import ProfileError
 
@@ -238,32 +238,8 @@ def _check_sbatch(p: Profile) -> None:
             _fail(p.name, f"sbatch.{key}: false is not an sbatch value; remove the key to leave it unset")
 
 
-def profile_dirs() -> list[Path]:
-    """Where profile names are looked up: ./configs/slurm, then the repository's."""
-    here = Path.cwd() / "configs" / "slurm"
-    repo = Path(__file__).resolve().parents[2] / "configs" / "slurm"
-    return [here] if here.resolve() == repo.resolve() else [here, repo]
-
-
-def available_profiles() -> list[str]:
-    names = {p.stem for d in profile_dirs() if d.is_dir() for p in d.glob("*.yaml")}
-    return sorted(names)
-
-
-def find_profile(spec: str) -> Path:
-    """A name (configs/slurm/NAME.yaml) or a path to a YAML file."""
-    looks_like_path = "/" in spec or spec.endswith((".yaml", ".yml"))
-    candidates = [Path(spec)] if looks_like_path else [d / f"{spec}.yaml" for d in profile_dirs()]
-    for path in candidates:
-        if path.is_file():
-            return path
-    known = ", ".join(available_profiles()) or "none"
-    where = spec if looks_like_path else " or ".join(str(c) for c in candidates)
-    raise ProfileError(f"cluster profile {spec!r} not found ({where}); available profiles: {known}; "
-                       "or pass a path to a YAML file")
-
-
 def load_profile(spec: str) -> Profile:
-    path = find_profile(spec)
+    """A built-in profile by name (`lmcore configs` lists them) or a YAML file."""
+    path = profile_path(spec, ProfileError)
     tree = read_yaml(path, what="cluster profile", error=ProfileError)
     return profile_from_dict(tree, name=spec, source=str(path))
