@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a folder that is not empty")
     sub.add_parser("submit", help="submit train/eval/generate/pipeline to SLURM (see 'lmcore submit -h')",
                    add_help=False)
+    p = sub.add_parser("status", help="a run's progress and its SLURM jobs (submissions, requeues, states)",
+                       description="What the run folder knows (steps, checkpoints, last figures) beside what "
+                                   "SLURM's accounting (sacct -D) knows of every job that trained in it.")
+    p.add_argument("run_dir", help="a run folder (run.dir)")
+    p.add_argument("--json", action="store_true", help="the same as JSON")
     sub.add_parser("configs", help="list the built-in configs and cluster profiles")
     sub.add_parser("sbatch-template", help="print the plain sbatch script (> job.sbatch, then sbatch it)")
     p = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
@@ -112,12 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--slurm-task"]:  # srun lmcore --slurm-task ...: ranks from SLURM, before torch loads
+        import socket
+
         from lmcore.slurm.env import export_for_task
 
         values = export_for_task()
-        if values["RANK"] == "0":
-            print(f"lmcore[slurm]: {values['WORLD_SIZE']} rank(s), rendezvous {values['MASTER_ADDR']}:"
-                  f"{values['MASTER_PORT']}", file=sys.stderr, flush=True)
+        print(f"lmcore[slurm]: rank {values['RANK']} of {values['WORLD_SIZE']} on {socket.gethostname()}, "
+              f"rendezvous {values['MASTER_ADDR']}:{values['MASTER_PORT']}", file=sys.stderr, flush=True)
         argv = argv[1:]
     if argv[:1] == ["submit"]:  # its own parser: profiles, job kinds, dry runs
         from lmcore.slurm.cli import main as submit_main
@@ -137,7 +143,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def _command(args: argparse.Namespace) -> int:
-    if args.command in ("report", "verify", "export", "configs", "sbatch-template", "completion"):
+    if args.command in ("report", "verify", "export", "status", "configs", "sbatch-template", "completion"):
         print(_tool(args), end="")
         return 0
     from lmcore.config import load_config
@@ -173,6 +179,11 @@ def _tool(args: argparse.Namespace) -> str:
         from lmcore.export import export
 
         return json.dumps(export(args.checkpoint, args.out_dir, args.force)) + "\n"
+    if args.command == "status":
+        from lmcore.slurm.status import as_json, status, text
+
+        report = status(args.run_dir)
+        return as_json(report) + "\n" if args.json else text(report)
     if args.command == "configs":
         from lmcore.presets import listing
 

@@ -4,6 +4,7 @@
       config.yaml       the resolved config of the last training job here
       tokenizer.json    the vocabulary
       metrics.jsonl     every logged figure (lmcore.track.metrics)
+      jobs.jsonl        one row per SLURM job that trained here (`lmcore status RUN` reads it)
       wandb_run.json    the W&B run id, kept across requeues (lmcore.track.wandb_init)
       wandb/            W&B's own files (unless tracking.dir says otherwise)
       report/           what `lmcore report` draws
@@ -38,6 +39,10 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.path / "metrics.jsonl"
+
+    @property
+    def jobs(self) -> Path:
+        return self.path / "jobs.jsonl"
 
     @property
     def wandb_state(self) -> Path:

@@ -13,6 +13,8 @@ rows, as one that never stopped.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import time
 import warnings
@@ -37,6 +39,7 @@ from lmcore.optim import lr_at, make_adam
 from lmcore.rundir import RunDir
 from lmcore.runtime.accelerator import all_sum, any_rank, make_accelerator
 from lmcore.runtime.lock import RunLock
+from lmcore.slurm.env import job_record
 from lmcore.track.metrics import MetricsLog
 from lmcore.track.progress import Progress
 from lmcore.track.wandb_init import open_tracker
@@ -107,7 +110,16 @@ class TrainResult:
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "checkpoint": str(self.checkpoint) if self.checkpoint else None,
                 "val_ppl": self.val_ppl, "stopped_early": self.stopped_early, "rank": self.rank,
-                "world_size": self.world_size, "run_dir": str(self.run_dir)}
+                "world_size": self.world_size, "run_dir": str(self.run_dir),
+                "weights_sha256": weights_digest(self.model) if self.model is not None else None}
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of every parameter's bytes, in order: equal on all ranks of a healthy DDP run."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def train(cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
@@ -172,13 +184,22 @@ class Trainer:
         self.tracker = open_tracker(cfg, run.path, job="train", enabled=self.main)
         self.metrics = MetricsLog(run.metrics, enabled=self.main, resume_step=self.state.step,
                                   tracker=self.tracker)
-        if self.main:  # the run's config and vocabulary, beside its checkpoints
-            for path, text in ((run.config, cfg.to_yaml()), (run.tokenizer, self.corpus.tokenizer.to_json())):
-                try:
-                    fileio.atomic_write_text(path, text)
-                except OSError as e:
-                    raise LmcoreError(write_failed(path, e, "nothing was trained",
-                                                   "run the same command again", run.path)) from None
+        if self.main:  # the run's config and vocabulary, beside its checkpoints; the SLURM job
+            self._record(run.config, lambda: fileio.atomic_write_text(run.config, cfg.to_yaml()))
+            self._record(run.tokenizer, lambda: fileio.atomic_write_text(run.tokenizer,
+                                                                         self.corpus.tokenizer.to_json()))
+            job = job_record()
+            if job is not None:
+                row = json.dumps({**job, "kind": "train", "step": self.state.step,
+                                  "time": round(time.time(), 3)})
+                self._record(run.jobs, lambda: fileio.append_line(run.jobs, row))
+
+    def _record(self, path: Path, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except OSError as e:
+            raise LmcoreError(write_failed(path, e, "nothing was trained", "run the same command again",
+                                           self.run.path)) from None
 
     def restore(self, ckpt: Checkpoint) -> None:
         tok = self.corpus.tokenizer

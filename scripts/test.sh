@@ -21,6 +21,8 @@ in_ci=false
 case "${CI:-}" in true | TRUE | True | 1 | yes) in_ci=true ;; esac
 export LMCORE_SLURM_DIR="${LMCORE_SLURM_DIR:-/tmp/lmcore-slurm}"
 export LMCORE_SLURM_GRACE_TIME="${LMCORE_SLURM_GRACE_TIME:-10}"
+# a small MaxArraySize, so that a generation of more shards than that is several arrays
+export LMCORE_SLURM_MAX_ARRAY_SIZE="${LMCORE_SLURM_MAX_ARRAY_SIZE:-4}"
 slurm_fail() {
     if [ "$in_ci" = true ]; then
         echo "scripts/test.sh: error: the SLURM integration tests cannot run in CI: $*" >&2

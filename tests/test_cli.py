@@ -87,6 +87,17 @@ t lmcore train data.batching = pa; t lmcore submit train --clus; t lmcore submit
     assert "bashcompinit" in zsh and "complete -F _lmcore lmcore" in zsh
 
 
+def test_status_without_slurm_shows_what_the_run_folder_knows(tmp_path: Path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(REPO / "tests" / "fixtures" / "v0_1" / "run", run)
+    shown = lmcore("status", str(run), cwd=tmp_path).stdout
+    assert "checkpoints: step_00000006" in shown and "last validation masked perplexity" in shown
+    assert "no SLURM job has trained in this run folder" in shown
+    assert "does not exist" in one_error(lmcore("status", str(tmp_path / "nope"), cwd=tmp_path))
+
+
 def test_a_library_outside_the_tested_versions_is_one_clear_line(monkeypatch):
     import lmcore.deps as deps
 

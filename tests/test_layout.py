@@ -22,7 +22,8 @@ LAYERS = [
     ("evaluation, generation", ["lmcore.evaluate", "lmcore.gen.*"]),
     ("training", ["lmcore.trainer"]),
     ("the dispatcher, export", ["lmcore.jobs", "lmcore.export"]),
-    ("SLURM", ["lmcore.slurm.profile", "lmcore.slurm.entry", "lmcore.slurm.submit", "lmcore.slurm.cli"]),
+    ("SLURM", ["lmcore.slurm.profile", "lmcore.slurm.entry", "lmcore.slurm.submit", "lmcore.slurm.cli",
+               "lmcore.slurm.status"]),
     ("command line", ["lmcore.cli", "lmcore.__main__", "lmcore.completion"]),
 ]
 

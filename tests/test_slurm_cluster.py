@@ -112,6 +112,14 @@ def test_interrupted_two_rank_training_requeues_and_ends_with_the_same_weights(s
     assert wa.keys() == wb.keys()
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name  # bit-identical after stop + requeue + resume
+    # lmcore status: the run's job history from the real sacct, the requeue included
+    report = json.loads(run_cli("status", str(a), "--json", env=cluster_env()).stdout)
+    assert [j["restart"] for j in report["slurm_jobs"]] == ["0", "1"]
+    states = [r["State"] for r in report["sacct"]["records"]]
+    assert len(states) == 2 and states[-1] == "COMPLETED", states
+    assert report["run"]["checkpoints"][-1] == "step_00000600"
+    shown = run_cli("status", str(a), env=cluster_env()).stdout
+    assert "SLURM jobs (sacct -D" in shown and sub_a.job_id in shown and "COMPLETED" in shown
 
 
 def test_requeue_cap_ends_the_job_with_a_clear_error(slurm, submitted, tmp_path):

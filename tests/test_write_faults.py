@@ -55,6 +55,7 @@ class Site:
     midway: bool = False
     warns: bool = False  # tracking only: a warning, and the job finishes
     may_change: tuple[str, ...] = ()  # paths (fnmatch, relative to the case folder) a failed job may change
+    env: tuple[tuple[str, str], ...] = ()  # more environment for the job
 
 
 CACHE = ("newcache", "newcache/tokenizers", "newcache/splits", "newcache/tokenizers/*")
@@ -66,6 +67,9 @@ SITES = [
          ("lmcore/trainer.py:Trainer.resume_or_start",), may_change=("run/.lock",)),
     Site("run tokenizer", "atomic_write", "*/run/tokenizer.json", "resume",
          ("lmcore/trainer.py:Trainer.resume_or_start",), may_change=TRAINING),
+    Site("run's SLURM job history", "append_line", "*/run/jobs.jsonl", "resume",
+         ("lmcore/trainer.py:Trainer.resume_or_start",), may_change=TRAINING,
+         env=(("SLURM_JOB_ID", "4242"),)),
     Site("metrics rewrite on resume", "atomic_write", "*/run/metrics.jsonl", "resume",
          ("lmcore/track/metrics.py:MetricsLog.__init__",), may_change=("run/.lock",)),
     Site("metrics row", "append_line", "*/run/metrics.jsonl", "resume",
@@ -195,7 +199,8 @@ def test_a_failing_write_is_one_line_and_changes_nothing(site: Site, err: str, r
     before = tree(tmp)
     argv = [sys.executable, "-m", "tests.fault_inject", site.writer, site.pattern, err,
             "--nth", str(site.nth), *(["--midway"] if site.midway else []), "--", *command(site, tmp, ref)]
-    proc = subprocess.run(argv, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(argv, cwd=REPO, env=child_env(**dict(site.env)), capture_output=True, text=True,
+                          timeout=300)
     everything = proc.stdout + proc.stderr
     assert "Traceback" not in everything, everything[-3000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("lmcore: ")]

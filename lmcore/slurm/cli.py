@@ -73,15 +73,16 @@ def main(argv: Sequence[str]) -> int:
     require("submitit")  # before lmcore.slurm.submit imports it: one clear line, not an ImportError
     from lmcore.config import load_config
     from lmcore.slurm.profile import load_profile
-    from lmcore.slurm.submit import dry_run_text, plan, submit_plan
+    from lmcore.slurm.submit import check_fits, dry_run_text, max_array_size, plan, submit_plan
 
     profile = load_profile(args.cluster)
     cfg = load_config(args.config, extra)  # a bad config stops here, before sbatch
-    specs = plan(args.kind, profile, cfg, shards=args.shards)
+    specs = plan(args.kind, profile, cfg, shards=args.shards, max_array_size=max_array_size())
     if args.dry_run:
         summary = " ".join(shlex.quote(x) for x in [args.config or "defaults", *extra])
         print(dry_run_text(specs, profile, summary), end="")
         return 0
+    check_fits(specs, profile)
     submitted = submit_plan(specs, profile)
     report = [_announce(spec, sub, args.json) for spec, sub in zip(specs, submitted, strict=True)]
     sys.stdout.flush()

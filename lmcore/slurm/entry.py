@@ -146,8 +146,9 @@ class LmcoreJob(Checkpointable):
             sys.stderr.flush()
             os._exit(STOPPED_EXIT)
         result = self._outcome["outcome"].result
-        if isinstance(result, dict):
-            result = {**result, "restarts": restarts}
+        if isinstance(result, dict):  # where this rank ran, for whoever reads the job's results
+            result = {**result, "restarts": restarts, "host": socket.gethostname(),
+                      "master_addr": os.environ.get("MASTER_ADDR", ""), "slurm_rank": rank}
         return result
 
     def _setup_ranks(self, env: Any, restarts: int) -> int:

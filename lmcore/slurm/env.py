@@ -87,6 +87,16 @@ def export_for_task(environ: dict[str, str] | os._Environ = os.environ) -> dict[
     return values
 
 
+def job_record(env: Mapping[str, str] = os.environ) -> dict[str, str] | None:
+    """What identifies this SLURM job (None outside one): for the run folder's jobs.jsonl."""
+    if not env.get("SLURM_JOB_ID"):
+        return None
+    keys = {"job_id": "SLURM_JOB_ID", "array_job_id": "SLURM_ARRAY_JOB_ID",
+            "array_task": "SLURM_ARRAY_TASK_ID", "restart": "SLURM_RESTART_COUNT",
+            "nodes": "SLURM_JOB_NODELIST", "partition": "SLURM_JOB_PARTITION"}
+    return {"restart": "0", **{k: env[v] for k, v in keys.items() if env.get(v)}}
+
+
 def array_job_id(env: Mapping[str, str] = os.environ) -> str:
     """The job id of this task's array ("" outside an array)."""
     return env.get("SLURM_ARRAY_JOB_ID", "")

@@ -42,7 +42,11 @@ class JobSpec:
     kind: str
     calls: list[LmcoreJob]
     params: dict[str, Any]
-    depends_on: str | None = None  # the kind of an earlier JobSpec in the same plan
+    depends_on: tuple[str, ...] = ()  # the names of earlier JobSpecs of the same plan
+    name: str = ""  # unique in its plan ("generate.2" for a second array); "" = the kind
+
+    def __post_init__(self) -> None:
+        self.name = self.name or self.kind
 
     @property
     def is_array(self) -> bool:
@@ -149,14 +153,16 @@ def sbatch_params(profile: Profile, kind: str, num_tasks_array: int = 0,
     return params
 
 
-def plan(kind: str, profile: Profile, cfg, shards: int = 0) -> list[JobSpec]:
-    """The jobs one `lmcore submit KIND` makes, in submission order."""
+def plan(kind: str, profile: Profile, cfg, shards: int = 0,
+         max_array_size: int | None = None) -> list[JobSpec]:
+    """The jobs one `lmcore submit KIND` makes, in submission order. A generation of more shards
+    than the cluster's MaxArraySize is several arrays, the merge after all of them."""
     data = cfg.to_dict()
     job = {"max_requeues": profile.max_requeues, "signal_delay_s": profile.signal_delay_s}
     specs: list[JobSpec] = []
     kinds = ["train", "eval", "generate"] if kind == "pipeline" else [kind]
     for k in kinds:
-        after = specs[-1].kind if specs else None
+        after = (specs[-1].name,) if specs else ()
         if k in ("train", "eval"):
             specs.append(JobSpec(k, [LmcoreJob(k, data, **job)], sbatch_params(profile, k), after))
             continue
@@ -167,11 +173,52 @@ def plan(kind: str, profile: Profile, cfg, shards: int = 0) -> list[JobSpec]:
             shard = {**data, "generate": {**data["generate"], "shard_index": i, "num_shards": n,
                                           "output_dir": out}}
             calls.append(LmcoreJob("generate", shard, **job))
-        specs.append(JobSpec("generate", calls, sbatch_params(profile, "generate", n), after))
+        size = max_array_size or n
+        parts = [calls[lo:lo + size] for lo in range(0, n, size)]
+        names = [f"generate.{i + 1}" if i else "generate" for i in range(len(parts))]
+        for name, part in zip(names, parts, strict=True):
+            params = sbatch_params(profile, "generate", len(part))
+            specs.append(JobSpec("generate", part, params, after, name))
         merged = {**data, "generate": {**data["generate"], "num_shards": n, "output_dir": out}}
         specs.append(JobSpec("merge", [LmcoreJob("merge", merged, **job)], sbatch_params(profile, "merge"),
-                             "generate"))
+                             tuple(names)))
     return specs
+
+
+def node_cpus(partition: str) -> int | None:
+    """The most CPUs a node of the partition (the default one if '') has, or None if unknown."""
+    args = ["sinfo", "-h", "-o", "%c"] + (["-p", partition] if partition else [])
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    counts = [int(x) for x in re.findall(r"\d+", out)]
+    return max(counts) if counts else None
+
+
+def check_fits(specs: list[JobSpec], profile: Profile) -> None:
+    """Refuse, before sbatch, a job whose tasks need more CPUs than a node of its partition has
+    (sbatch would take it and leave it pending forever)."""
+    cpus = node_cpus(profile.partition)
+    for spec in specs:
+        p = spec.params
+        need = p["ntasks_per_node"] * p["cpus_per_task"]
+        if cpus is not None and need > cpus:
+            where = f"partition {profile.partition}" if profile.partition else "the default partition"
+            raise SubmitError(f"the {spec.kind} job asks for {p['ntasks_per_node']} task(s) x "
+                              f"{p['cpus_per_task']} CPU(s) per node, but the nodes of {where} have at most "
+                              f"{cpus} CPUs: lower tasks_per_node or cpus_per_task in the cluster profile")
+
+
+def max_array_size() -> int | None:
+    """The cluster's MaxArraySize (array indices must stay below it), or None if unknown."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"^MaxArraySize\s*=\s*(\d+)", out, re.MULTILINE)
+    return int(m.group(1)) if m else None
 
 
 def dry_run_text(specs: list[JobSpec], profile: Profile, summary: str = "") -> str:
@@ -182,7 +229,7 @@ def dry_run_text(specs: list[JobSpec], profile: Profile, summary: str = "") -> s
     for spec in specs:
         params = dict(spec.params)
         if spec.depends_on:
-            params = after_ok(params, f"{spec.depends_on.upper()}_JOB_ID")
+            params = after_ok(params, *[f"{d.upper().replace('.', '_')}_JOB_ID" for d in spec.depends_on])
         if spec.is_array:
             params["map_count"] = len(spec.calls)
         text = _make_sbatch_string(command=command, folder=folder, **params)
@@ -201,10 +248,10 @@ def dry_run_text(specs: list[JobSpec], profile: Profile, summary: str = "") -> s
     return "\n".join(parts)
 
 
-def after_ok(params: dict[str, Any], job_id: str) -> dict[str, Any]:
-    """These sbatch parameters, to start once job_id has succeeded (and be cancelled if it fails)."""
+def after_ok(params: dict[str, Any], *job_ids: str) -> dict[str, Any]:
+    """These sbatch parameters, to start once every job_id has succeeded (and be cancelled if one fails)."""
     extra = dict(params["additional_parameters"])
-    extra.update(dependency=f"afterok:{job_id}", **KILL_ON_INVALID_DEP)
+    extra.update(dependency="afterok:" + ":".join(job_ids), **KILL_ON_INVALID_DEP)
     return {**params, "additional_parameters": extra}
 
 
@@ -213,7 +260,7 @@ def describe(spec: JobSpec) -> str:
     tasks = f"{p['nodes']} node(s) x {p['ntasks_per_node']} task(s), {p['cpus_per_task']} CPU(s)/task"
     gpus = f", {p['gpus_per_node']} GPU(s)/node" if p.get("gpus_per_node") else ""
     arr = f"array of {len(spec.calls)} (at most {p['array_parallelism']} at once), " if spec.is_array else ""
-    after = f", after {spec.depends_on} succeeds" if spec.depends_on else ""
+    after = f", after {' and '.join(spec.depends_on)} succeed(s)" if spec.depends_on else ""
     return f"{spec.kind} job: {arr}{tasks}{gpus}, time limit {p['time']} min{after}"
 
 
@@ -239,11 +286,11 @@ def sbatch_error(error: BaseException) -> str:
 
 def submit_plan(specs: list[JobSpec], profile: Profile) -> list[Submitted]:
     done: list[Submitted] = []
-    by_kind: dict[str, Submitted] = {}
+    by_name: dict[str, Submitted] = {}
     for spec in specs:
         params = dict(spec.params)
         if spec.depends_on:
-            params = after_ok(params, by_kind[spec.depends_on].job_id)
+            params = after_ok(params, *[by_name[d].job_id for d in spec.depends_on])
         staging = log_folder(profile).parent  # where submitit puts a job's pickle and script before sbatch
         before = _listing(staging)
         try:
@@ -265,7 +312,7 @@ def submit_plan(specs: list[JobSpec], profile: Profile) -> list[Submitted]:
         job_id = jobs[0].job_id.split("_")[0]
         sub = Submitted(spec.kind, job_id, jobs, str(log_folder(profile)).replace("%j", job_id))
         done.append(sub)
-        by_kind[spec.kind] = sub
+        by_name[spec.name] = sub
     return done
 
 

@@ -1,0 +1,194 @@
+"""Jobs on several nodes of the local cluster (slurm/local/: each node its own host name and
+address): training on 2 nodes x 1 task and 2 nodes x 2 tasks, with the world size, the
+rank-to-node mapping and the rendezvous at the allocation's first node checked and the weights
+bit-identical to a run on one node with the same global batch; the plain sbatch script on two
+nodes; eval on two nodes; a generation array spread over both nodes, and one of more shards than
+the cluster's MaxArraySize (several arrays, one merge). Skipped without the cluster; failing
+instead in CI (CI=true)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmcore.config import load_config
+from lmcore.gen.folder import MERGED_FILE
+from lmcore.gen.job import generate_shard
+from lmcore.gen.merge import merge_outputs
+from lmcore.slurm.submit import max_array_size, plan, submit_plan, wait
+from tests.conftest import REPO, run_cli
+from tests.slurm_helpers import SMALL, cluster_env, local_profile, require_cluster, wait_until
+
+WAIT_S = 300
+STEPS = 24
+TRAIN = [*SMALL, f"train.max_steps={STEPS}", f"train.checkpoint_interval={STEPS}", "train.batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    require_cluster()
+    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
+    os.environ.update(cluster_env())
+    yield cluster_env()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def submitted(slurm):
+    subs: list = []
+    yield subs
+    ids = [s.job_id for s in subs]
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
+
+
+def submit(kind: str, profile, overrides: list[str], subs: list, shards: int = 0):
+    out = submit_plan(plan(kind, profile, load_config(None, overrides), shards=shards,
+                           max_array_size=max_array_size()), profile)
+    subs.extend(out)
+    return out
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def nodes_of(job_id: str) -> list[str]:
+    """The allocation's nodes, in SLURM's order (the first one runs rank 0)."""
+    out = subprocess.run(["scontrol", "show", "hostnames", _nodelist(job_id)], capture_output=True, text=True,
+                         timeout=30).stdout
+    return out.split()
+
+
+def _nodelist(job_id: str) -> str:
+    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "--format=NodeList"], capture_output=True,
+                         text=True, timeout=30).stdout
+    return out.strip().splitlines()[0]
+
+
+def test_two_nodes_one_task_each_equal_one_node_two_tasks(slurm, submitted, tmp_path):
+    two = tmp_path / "two-nodes"
+    one = tmp_path / "one-node"
+    (sub2,) = submit("train", local_profile(tmp_path, nodes=2, tasks_per_node=1), [*TRAIN, f"run.dir={two}"],
+                     submitted)
+    (sub1,) = submit("train", local_profile(tmp_path, nodes=1, tasks_per_node=2), [*TRAIN, f"run.dir={one}"],
+                     submitted)
+    res2, res1 = wait(sub2, WAIT_S), wait(sub1, WAIT_S)
+    allocation = nodes_of(sub2.job_id)
+    assert len(allocation) == 2 and allocation[0] != allocation[1]
+    placed = [(r["rank"], r["world_size"], r["host"]) for r in res2]
+    assert placed == [(0, 2, allocation[0]), (1, 2, allocation[1])]
+    assert {r["master_addr"] for r in res2} == {allocation[0]}  # the rendezvous: the first node
+    assert len({r["weights_sha256"] for r in [*res2, *res1]}) == 1  # every rank, both runs: the same weights
+    assert_same_weights(two, one)
+
+
+def test_two_nodes_two_tasks_each_are_four_ranks_equal_to_four_processes_on_one_machine(slurm, submitted,
+                                                                                       tmp_path):
+    run = tmp_path / "four"
+    (sub,) = submit("train", local_profile(tmp_path, nodes=2, tasks_per_node=2), [*TRAIN, f"run.dir={run}"],
+                    submitted)
+    res = wait(sub, WAIT_S)
+    first, second = nodes_of(sub.job_id)
+    assert [(r["rank"], r["world_size"]) for r in res] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    assert [r["host"] for r in res] == [first, first, second, second]  # block distribution: 2 per node
+    assert {r["master_addr"] for r in res} == {first} and len({r["weights_sha256"] for r in res}) == 1
+    local = tmp_path / "torchrun"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           "4", "-m", "lmcore", "train", *TRAIN, f"run.dir={local}", "--no-progress"],
+                          cwd=REPO, capture_output=True, text=True, timeout=WAIT_S, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_weights(run, local)
+
+
+def test_the_plain_sbatch_script_on_two_nodes(slurm, submitted, tmp_path):
+    run = tmp_path / "plain"
+    log = tmp_path / "plain.out"
+    proc = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", f"--chdir={REPO}",
+                           f"--output={log}", str(REPO / "slurm" / "lmcore.sbatch"), "train", *TRAIN,
+                           f"run.dir={run}", "--no-progress"],
+                          env={**os.environ, "LMCORE_PYTHON": sys.executable}, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    submitted.append(type("Job", (), {"job_id": job})())
+    wait_until(lambda: "srun ended with status" in (log.read_text() if log.exists() else ""), WAIT_S,
+               "the sbatch job to end", log)
+    text = log.read_text()
+    assert "srun ended with status 0" in text, text[-3000:]
+    first, second = nodes_of(job)
+    ranks = re.findall(r"lmcore\[slurm\]: rank (\d) of (\d) on (\S+), rendezvous ([^:]+):", text)
+    assert sorted(ranks) == [("0", "2", first, first), ("1", "2", second, first)]
+    one = tmp_path / "one-node"
+    (sub,) = submit("train", local_profile(tmp_path, nodes=1, tasks_per_node=2), [*TRAIN, f"run.dir={one}"],
+                    submitted)
+    wait(sub, WAIT_S)
+    assert_same_weights(run, one)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained") / "run"
+    proc = run_cli("train", *SMALL, "train.max_steps=30", f"run.dir={run}", "--no-progress",
+                   env={"WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr
+    return run
+
+
+def test_eval_on_two_nodes_gives_the_one_process_figure(slurm, submitted, tmp_path, trained):
+    args = ["data.source=sample", f"run.dir={trained}", "eval.batch_size=16"]
+    (sub,) = submit("eval", local_profile(tmp_path, nodes=2, tasks_per_node=1), args, submitted)
+    on_slurm = wait(sub, WAIT_S)[0]
+    assert on_slurm["world_size"] == 2
+    local = json.loads(run_cli("eval", *args).stdout)
+    assert (on_slurm["masked_ppl"], on_slurm["num_targets"]) == (local["masked_ppl"], local["num_targets"])
+
+
+def _one_process(trained: Path, out: Path, gen: list[str]) -> bytes:
+    cfg = load_config(None, ["data.source=sample", f"run.dir={trained}", *gen, f"generate.output_dir={out}",
+                             "generate.num_shards=1", "generate.shard_index=0"])
+    generate_shard(cfg, progress=False)
+    merge_outputs(cfg)
+    return (out / MERGED_FILE).read_bytes()
+
+
+@pytest.mark.parametrize("beyond_the_array_limit", [False, True], ids=["one-array", "beyond-MaxArraySize"])
+def test_a_generation_array_over_both_nodes_gives_the_one_process_bytes(slurm, submitted, tmp_path, trained,
+                                                                        beyond_the_array_limit):
+    limit = max_array_size()
+    assert limit is not None
+    shards = limit + 2 if beyond_the_array_limit else min(4, limit)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"the movie {i}\n" for i in range(6 * shards)))
+    gen = [f"generate.prompts={prompts}", "generate.chunk_size=3", "generate.max_new_tokens=6",
+           "generate.precision=fp32"]
+    # a whole node per task, two at once: the scheduler has to use both nodes
+    profile = local_profile(tmp_path, array_parallelism=2, generate={"cpus_per_task": 2})
+    job = ["data.source=sample", f"run.dir={trained}", *gen, f"generate.output_dir={tmp_path / 'array'}"]
+    subs = submit("generate", profile, job, submitted, shards=shards)
+    arrays, merge = subs[:-1], subs[-1]
+    assert len(arrays) == (2 if beyond_the_array_limit else 1) and sum(len(a.jobs) for a in arrays) == shards
+    hosts = {r["host"] for a in arrays for r in wait(a, WAIT_S)}
+    wait(merge, WAIT_S)
+    assert len(hosts) == 2, f"the array ran on {hosts} only"
+    assert (tmp_path / "array" / MERGED_FILE).read_bytes() == _one_process(trained, tmp_path / "one", gen)
