@@ -24,6 +24,7 @@ from lmcore.gen.folder import MERGED_FILE
 from lmcore.gen.job import generate_shard
 from lmcore.gen.merge import merge_outputs
 from lmcore.slurm.submit import max_array_size, plan, submit_plan, wait
+from lmcore.track.metrics import read_metrics
 from tests.conftest import REPO, run_cli
 from tests.slurm_helpers import SMALL, cluster_env, local_profile, require_cluster, wait_until
 
@@ -192,3 +193,73 @@ def test_a_generation_array_over_both_nodes_gives_the_one_process_bytes(slurm, s
     wait(merge, WAIT_S)
     assert len(hosts) == 2, f"the array ran on {hosts} only"
     assert (tmp_path / "array" / MERGED_FILE).read_bytes() == _one_process(trained, tmp_path / "one", gen)
+
+
+# -- preemption by the scheduler, and a requeue by hand ---------------------------------------------
+def _steps_written(segment: Path) -> list[int]:
+    """The history steps an offline W&B segment holds (none when its job died before a flush)."""
+    (wandb_file,) = segment.glob("run-*.wandb")
+    proc = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(wandb_file)],
+                          capture_output=True, text=True, timeout=120)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return sorted(int(r["history"]["item"]["_step"]) for r in rows if r["type"] == "history")
+
+
+def _records(job_id: str) -> list[tuple[str, str]]:
+    """(JobID, State) of every run of the job, requeues included (the real sacct -D)."""
+    out = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-j", job_id, "--format=JobID,State"],
+                         capture_output=True, text=True, timeout=30).stdout
+    return [tuple(line.split("|")[:2]) for line in out.splitlines() if line]
+
+
+@pytest.mark.parametrize("how", ["preemption", "scontrol-requeue"])
+def test_a_preempted_or_requeued_two_node_run_resumes_and_ends_bit_identical(slurm, submitted, tmp_path, how,
+                                                                            monkeypatch):
+    """A job of partition high needing both nodes preempts the training (PreemptMode=REQUEUE, a
+    GraceTime on partition debug): SIGTERM, a checkpoint within the grace time, and the job stays
+    until SLURM requeues it (one that ends in its grace time is not requeued); or `scontrol
+    requeue` by hand. The resumed run ends with the weights of an uninterrupted one, on the same
+    W&B run with monotonic steps."""
+    from tests.test_tracking import offline_runs, run_id_of
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    steps = 1500
+    common = [*SMALL, f"train.max_steps={steps}", f"train.checkpoint_interval={steps}", "train.batch_size=4",
+              "tracking.wandb_mode=offline", "tracking.project=lmcore-test"]
+    profile = local_profile(tmp_path, nodes=2, tasks_per_node=1, term_wait_s=120)
+    run = tmp_path / "interrupted"
+    (sub,) = submit("train", profile, [*common, f"run.dir={run}"], submitted)
+    log = Path(sub.log_paths()[1])
+    metrics = run / "metrics.jsonl"
+    wait_until(lambda: metrics.exists() and "train/loss" in metrics.read_text(), WAIT_S,
+               "the training loop to run", log)
+    if how == "preemption":
+        high = subprocess.run(["sbatch", "--parsable", "-p", "high", "-N", "2", "--exclusive",
+                               f"--output={tmp_path}/high.out", "--wrap", "sleep 5"],
+                              capture_output=True, text=True, timeout=30)
+        assert high.returncode == 0, high.stderr
+        submitted.append(type("Job", (), {"job_id": high.stdout.strip()})())
+    else:
+        subprocess.run(["scontrol", "requeue", sub.job_id], check=True, timeout=30)
+    result = wait(sub, 2 * WAIT_S)
+    assert [r["restarts"] for r in result] == [1, 1] and result[0]["step"] == steps
+    wait_until(lambda: _records(sub.job_id)[-1][1] == "COMPLETED", 60, "sacct to record the end")
+    states = [s for _, s in _records(sub.job_id)]
+    assert ("PREEMPTED" if how == "preemption" else "REQUEUED") in states[0]
+    text = log.read_text()
+    assert "SIGTERM: stopping at the next step" in text and f"resumed from {run}/checkpoints/step_" in text
+    straight = tmp_path / "straight"
+    (ref,) = submit("train", profile, [*common, f"run.dir={straight}"], submitted)
+    wait(ref, 2 * WAIT_S)
+    wa = load_file(str(run / "checkpoints" / f"step_{steps:08d}" / "model.safetensors"))
+    wb = load_file(str(straight / "checkpoints" / f"step_{steps:08d}" / "model.safetensors"))
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    segments = offline_runs(run)
+    assert len(segments) == 2 and len({run_id_of(s) for s in segments}) == 1  # one W&B run, two segments
+    first, second = (_steps_written(s) for s in segments)
+    assert second and (not first or max(first) < min(second)) and second[-1] == steps  # steps only increase
+    # nothing lost: what SIGTERM took from the first segment (wandb's service dies with the step
+    # before it flushes) the second one sent again, from metrics.jsonl
+    logged = {r["step"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r}
+    assert set(logged) <= {*first, *second}, sorted(set(logged) - {*first, *second})

@@ -121,6 +121,10 @@ SITES = [
     Site("generation manifest", "atomic_write", "*/out/manifest.json", "merge",
          ("lmcore/gen/merge.py:_write_manifest",), may_change=("out/generations.jsonl",)),
     Site("eval result", "atomic_write", "*/eval_train.json", "eval", ("lmcore/evaluate.py:run_eval",)),
+    Site("export files", "write_new", "*/.exported-*/model.safetensors", "export",
+         ("lmcore/export.py:export",), names="exported", midway=True),
+    Site("export publish", "publish_dir", "*/exported", "export", ("lmcore/export.py:export",),
+         names="exported"),
     Site("report files", "write_new", "*/.report-*/perplexity.png", "report",
          ("lmcore/track/report.py:write_report",), names="report", midway=True),
     Site("report folder", "new_temp_dir", "*/run", "report", ("lmcore/track/report.py:write_report",),
@@ -164,6 +168,8 @@ def command(site: Site, tmp: Path, ref: Path) -> list[str]:
         return ["eval", *train_overrides(tmp / "run", ref / "cache"), "eval.split=train", "eval.limit=8"]
     if site.job == "report":
         return ["report", str(tmp / "run")]
+    if site.job == "export":
+        return ["export", str(tmp / "run"), str(tmp / "exported")]
     raise AssertionError(site.job)
 
 
@@ -184,7 +190,7 @@ def prepare(site: Site, tmp: Path, ref: Path) -> None:
 
 def debris(folder: Path) -> list[str]:
     return [str(p.relative_to(folder)) for p in folder.rglob("*")
-            if p.name.startswith((".tmp-", ".report-")) or p.name.endswith(".tmp")]
+            if p.name.startswith((".tmp-", ".report-", ".exported-")) or p.name.endswith(".tmp")]
 
 
 IDS = [f"{s.name.replace(' ', '-')}-{e}" for s, e in CASES]

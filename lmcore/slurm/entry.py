@@ -18,10 +18,13 @@ while the main thread waits:
   that (bounded by signal_delay_s), then returns a fresh submission: submitit pickles it,
   runs `scontrol requeue` and exits. The requeued job resumes from run.dir's latest
   checkpoint (train.resume=auto); a generation shard skips its finished chunks.
-- SIGTERM (a cancel, or a preemption without a user signal): our handler sets the stop
-  flag on every rank; after the checkpoint, rank 0 waits a few seconds for a warning signal
-  (submitit's `_interrupt()` sends TERM then USR2), then the job exits with status 3
-  without a result: a cancelled job stays CANCELLED, a job SLURM requeues itself resumes.
+- SIGTERM (a cancel, a preemption, `scontrol requeue`): our handler sets the stop flag on
+  every rank; after the checkpoint, every rank waits for SLURM to end the job (at most
+  term_wait_s, then it exits with status 3 without a result). It must not exit by itself:
+  SLURM requeues a preempted job only if it is still running when its GraceTime is over (a
+  job that ends in its grace time stays ended: tried on the local cluster), and a cancel kills
+  it after KillWait anyway (it stays CANCELLED). A warning signal in that time (submitit's
+  `_interrupt()` sends TERM then USR2) requeues it as above.
 - Requeues are capped by max_requeues (SLURM_RESTART_COUNT): past it, the job fails with
   a message saying where the checkpoint is.
 """
@@ -45,7 +48,6 @@ from lmcore.slurm import JobFailedError
 from lmcore.slurm.env import master_port, resolve_master, threads_from_slurm
 
 KINDS = ("train", "eval", "generate", "merge")  # as lmcore.jobs.KINDS (not imported here: see _work)
-RANK0_LINGER_S = 10.0  # after a SIGTERM stop: how long rank 0 waits for a warning signal
 
 
 def _log(message: str) -> None:
@@ -81,10 +83,10 @@ class LmcoreJob(Checkpointable):
     """A picklable job: KIND ('train', 'eval', 'generate', 'merge') with a resolved config."""
 
     def __init__(self, kind: str, cfg: dict[str, Any], max_requeues: int = 3,
-                 signal_delay_s: int = 90) -> None:
+                 signal_delay_s: int = 90, term_wait_s: int = 600) -> None:
         assert kind in KINDS, kind
         self.kind, self.cfg = kind, cfg
-        self.max_requeues, self.signal_delay_s = max_requeues, signal_delay_s
+        self.max_requeues, self.signal_delay_s, self.term_wait_s = max_requeues, signal_delay_s, term_wait_s
         self._reset()
 
     def _reset(self) -> None:
@@ -101,7 +103,7 @@ class LmcoreJob(Checkpointable):
         self._reset()
 
     def fresh(self) -> LmcoreJob:
-        return LmcoreJob(self.kind, self.cfg, self.max_requeues, self.signal_delay_s)
+        return LmcoreJob(self.kind, self.cfg, self.max_requeues, self.signal_delay_s, self.term_wait_s)
 
     # --- in the job ------------------------------------------------------------------
     def __call__(self) -> dict[str, Any] | None:
@@ -122,11 +124,8 @@ class LmcoreJob(Checkpointable):
             self._worker.start()
             while self._worker.is_alive():
                 self._worker.join(timeout=0.5)
-            if self._stopped_early() and rank == 0:
-                # A SIGTERM stop: give a warning signal (TERM then USR2) time to requeue us.
-                deadline = time.monotonic() + RANK0_LINGER_S
-                while time.monotonic() < deadline:
-                    time.sleep(0.2)
+            if self._stopped_early():
+                self._wait_to_be_ended(cfg.run.dir)
             self._guard = False
             _quiet_signals()
         except _Escape:
@@ -137,9 +136,6 @@ class LmcoreJob(Checkpointable):
             # Not requeued by us: SLURM cancels this job or requeues it itself (preemption).
             # Leave no result, so a client sees the job's real state, not a stale answer.
             reason = self._stop.reason or "a stop request on another rank"
-            if rank != 0:  # rank 0 requeues or ends the step (srun --kill-on-bad-exit stops us)
-                _log(f"stopped ({reason}) with a checkpoint; waiting for rank 0 to end the job")
-                time.sleep(60)
             _log(f"stopped ({reason}) with a checkpoint in {cfg.run.dir}; exiting with status "
                  f"{STOPPED_EXIT} and no result: resubmit (or let SLURM requeue) to resume")
             sys.stdout.flush()
@@ -150,6 +146,16 @@ class LmcoreJob(Checkpointable):
             result = {**result, "restarts": restarts, "host": socket.gethostname(),
                       "master_addr": os.environ.get("MASTER_ADDR", ""), "slurm_rank": rank}
         return result
+
+    def _wait_to_be_ended(self, run_dir: str) -> None:
+        """After a SIGTERM stop and its checkpoint: stay until SLURM ends or requeues the job."""
+        reason = self._stop.reason or "a stop request on another rank"
+        _log(f"stopped ({reason}) with a checkpoint in {run_dir}; waiting for SLURM to end the job (a "
+             "cancel ends it after KillWait, a preemption requeues it when its GraceTime is over), at most "
+             f"{self.term_wait_s} s")
+        deadline = time.monotonic() + self.term_wait_s
+        while time.monotonic() < deadline:  # a warning signal here requeues the job (checkpoint())
+            time.sleep(0.2)
 
     def _setup_ranks(self, env: Any, restarts: int) -> int:
         # sbatch hands the submitting shell's environment down: overwrite, never inherit.

@@ -106,6 +106,9 @@ class Profile:
     signal: str = setting("USR2", "warning signal before the time limit: the job checkpoints and requeues")
     signal_delay_s: int = setting(90, "the warning signal comes this long before the time limit", ge=0)
     max_requeues: int = setting(3, "a job requeues itself at most this often", ge=0)
+    term_wait_s: int = setting(600, "after a SIGTERM (a cancel, a preemption) and its checkpoint: how long "
+                                    "the job waits for SLURM to end it (a preempted job is requeued only if "
+                                    "it still runs when its GraceTime is over)", ge=0)
     array_parallelism: int = setting(0, "generation shards running at once; 0 = all", ge=0)
     eval: ResourceOverrides = setting(help="resources of eval jobs", factory=ResourceOverrides)
     generate: ResourceOverrides = setting(help="resources of each generation shard (1 node, 1 task)",

@@ -158,7 +158,8 @@ def plan(kind: str, profile: Profile, cfg, shards: int = 0,
     """The jobs one `lmcore submit KIND` makes, in submission order. A generation of more shards
     than the cluster's MaxArraySize is several arrays, the merge after all of them."""
     data = cfg.to_dict()
-    job = {"max_requeues": profile.max_requeues, "signal_delay_s": profile.signal_delay_s}
+    job = {"max_requeues": profile.max_requeues, "signal_delay_s": profile.signal_delay_s,
+           "term_wait_s": profile.term_wait_s}
     specs: list[JobSpec] = []
     kinds = ["train", "eval", "generate"] if kind == "pipeline" else [kind]
     for k in kinds:

@@ -3,7 +3,9 @@
 One JSON object per line with the global optimizer step. On resume, rows from after the
 checkpoint's step (written by the run that died) are dropped, so the step column only
 ever increases. With a tracker (lmcore.track.tracker), every row also goes to W&B; the file is
-written first, so a W&B problem can never cost a row here.
+written first, so a W&B problem can never cost a row here. On resume the rows kept are offered
+to the tracker again: those an earlier job sent but W&B lost (a SIGTERM takes wandb's service
+down before it flushes) are sent now, the rest are skipped (lmcore.track.wandb_init._floor).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class MetricsLog:
         self.tracker = tracker
         if not enabled:
             return
+        kept: list[str] = []
         try:
             fileio.make_dir(path.parent)
             if path.exists():  # rows past the step resumed from are the ones to be redone
@@ -34,6 +37,10 @@ class MetricsLog:
                 fileio.atomic_write_text(path, "".join(line + "\n" for line in kept))
         except OSError as e:
             raise self._failed(e, "nothing was trained yet") from None
+        if tracker is not None:  # rows an earlier job sent but W&B lost: the tracker skips the rest
+            for line in kept:
+                row = json.loads(line)
+                tracker.log(row.pop("step"), {k: v for k, v in row.items() if k != "time"})
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:

@@ -52,6 +52,7 @@ import netrc
 import os
 import secrets
 import string
+import subprocess
 import sys
 import time
 import warnings
@@ -171,23 +172,53 @@ def _open(cfg, run_dir: Path, job: str) -> Tracker:
     state = read_state(run_dir)
     run_id, init = _init_args(cfg, run_dir, job, state, wandb_dir)
     run, mode, why = _start(wandb, mode, why, init)
-    floor = -1
-    if job != "generate":
-        try:  # online: the server's next step after a resume (0 offline)
-            server_next = int(getattr(run, "starting_step", 0) or 0)
-        except Exception:
-            server_next = 0
-        floor = max(state.get("last_step", -1), server_next - 1)
+    floor = -1 if job == "generate" else _floor(run, mode, state, wandb_dir, run_id)
     state_path = None
     if job == "train" or (job == "eval" and not state):  # the jobs that own the run folder's id
-        state = {**state, "run_id": run_id, "project": t.project, "entity": t.entity,
-                 "last_step": max(floor, state.get("last_step", -1))}
+        state = {**state, "run_id": run_id, "project": t.project, "entity": t.entity, "last_step": floor}
         state_path = RunDir(run_dir).wandb_state
     tracker = Tracker(run, mode, run_id, state_path, state, floor)
     if state_path is not None:
         tracker._save_state()
     _announce(run, mode, why, run_id, job, t.project, wandb_dir)
     return tracker
+
+
+def _floor(run, mode: str, state: dict, wandb_dir: Path, run_id: str) -> int:
+    """The last step W&B already holds for this run: rows up to it are not sent again, rows after
+    it are (metrics.jsonl's rows are replayed when a run resumes, see lmcore.track.metrics).
+
+    Online, the server says (its next step). Offline, the earlier segments' own files say: a job
+    stopped by SIGTERM takes wandb's service down with it (slurmstepd signals every process of the
+    step), and the rows the service had not flushed yet are lost from that segment; counting them
+    as sent would lose them for good. When the files cannot be read, wandb_run.json's last step."""
+    if mode == "online":
+        try:
+            return int(getattr(run, "starting_step", 0) or 0) - 1
+        except Exception:
+            return state.get("last_step", -1)
+    written = last_written_step(wandb_dir, run_id)
+    return state.get("last_step", -1) if written is None else written
+
+
+def last_written_step(wandb_dir: Path, run_id: str, timeout_s: float = 60.0) -> int | None:
+    """The highest history step in this run's offline segments under wandb_dir (-1: none), read
+    with wandb's own reader (`wandb leet inspect --json`); None when it cannot be read."""
+    files = sorted((wandb_dir / "wandb").glob(f"offline-run-*-{run_id}*/run-{run_id}.wandb"), reverse=True)
+    for path in files:
+        try:
+            proc = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
+                                  capture_output=True, text=True, timeout=timeout_s)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if proc.returncode != 0 and not proc.stdout:
+            return None
+        steps = [json.loads(line).get("history", {}).get("item", {}).get("_step")
+                 for line in proc.stdout.splitlines() if '"history"' in line]
+        steps = [int(s) for s in steps if isinstance(s, (int, float))]
+        if steps:
+            return max(steps)
+    return -1
 
 
 def _import_wandb(wandb_dir: Path):
