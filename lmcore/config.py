@@ -24,6 +24,8 @@ class RunConfig:
     dir: str = setting("runs/default", "run folder: checkpoints, metrics, the resolved config", nonempty=True)
     seed: int = setting(0, "seed of the initial weights, the data order and dropout")
     threads: int = setting(0, "torch intra-op threads per process; 0 = torch's default", ge=0)
+    collective_timeout_s: int = setting(300, "how long a rank waits for the others in a collective before "
+                                             "it gives up (a dead node), seconds", gt=0)
 
 
 @dataclass

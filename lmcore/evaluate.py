@@ -32,7 +32,7 @@ from lmcore.data.tokenizer import WordTokenizer
 from lmcore.errors import LmcoreError, write_failed
 from lmcore.model import LSTMLM
 from lmcore.rundir import RunDir
-from lmcore.runtime.accelerator import make_accelerator
+from lmcore.runtime.accelerator import lost_contact, make_accelerator, peer_gone
 from lmcore.track.wandb_init import open_tracker
 
 NOTEBOOK_CHUNK = 512  # positions per chunk of the notebook figure's logits (80 MB at 40k words)
@@ -138,8 +138,13 @@ def run_eval(cfg: Config) -> dict | None:
     with acc.main_process_first():  # rank 0 builds the token cache, the others then read it
         split = load_split(cfg.data, cfg.eval.split, tok)
     split = strided(split, cfg.eval.stride, cfg.eval.limit)
-    res = evaluate(model, split, tok, cfg.eval.batch_size, cfg.data.truncate, acc,
-                   notebook_figure=cfg.eval.notebook_figure, autocast=acc.autocast)
+    try:
+        res = evaluate(model, split, tok, cfg.eval.batch_size, cfg.data.truncate, acc,
+                       notebook_figure=cfg.eval.notebook_figure, autocast=acc.autocast)
+    except RuntimeError as e:  # a rank is gone: nothing was written
+        if not peer_gone(e):
+            raise
+        raise lost_contact(acc.process_index, None, e, "nothing was written") from None
     out = {
         "checkpoint": str(ckpt.path), "split": cfg.eval.split, "data": cfg.data.source,
         "stride": cfg.eval.stride, "limit": cfg.eval.limit, "truncate": cfg.data.truncate,

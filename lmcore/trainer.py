@@ -37,7 +37,14 @@ from lmcore.evaluate import evaluate
 from lmcore.model import LSTMLM, adaptive_cutoffs, detach_state
 from lmcore.optim import lr_at, make_adam
 from lmcore.rundir import RunDir
-from lmcore.runtime.accelerator import all_sum, any_rank, make_accelerator
+from lmcore.runtime.accelerator import (
+    all_sum,
+    any_rank,
+    lost_contact,
+    make_accelerator,
+    peer_gone,
+    rank_hosts,
+)
 from lmcore.runtime.lock import RunLock
 from lmcore.slurm.env import job_record
 from lmcore.track.metrics import MetricsLog
@@ -161,6 +168,7 @@ class Trainer:
         self.state = TrainState(world_size=self.world)
         self.rank_state = RankState()
         self.resumed_from: Path | None = None
+        self.hosts = rank_hosts(acc)  # for the message if a rank's node dies
 
     # -- setup ----------------------------------------------------------------------------------
     def resume_or_start(self) -> None:
@@ -229,19 +237,24 @@ class Trainer:
         last_saved = s.step if self.resumed_from is not None else -1
         val_ppl, stopped = None, False
         self.model.train()
-        while s.step < total:
-            out = self.train_step()
-            self.log(out)
-            # validation and checkpoints at their intervals (the last step's come after the loop)
-            if t.eval_interval and s.step % t.eval_interval == 0 and s.step < total:
-                val_ppl = self.validate()
-            if s.step % t.checkpoint_interval == 0 and s.step < total:
-                self.save()
-                last_saved = s.step
-            # a stop request on any rank: all stop at this step
-            if any_rank(self.acc, stop_requested()):
-                stopped = s.step < total
-                break
+        try:
+            while s.step < total:
+                out = self.train_step()
+                self.log(out)
+                # validation and checkpoints at their intervals (the last step's come after the loop)
+                if t.eval_interval and s.step % t.eval_interval == 0 and s.step < total:
+                    val_ppl = self.validate()
+                if s.step % t.checkpoint_interval == 0 and s.step < total:
+                    self.save()
+                    last_saved = s.step
+                # a stop request on any rank: all stop at this step
+                if any_rank(self.acc, stop_requested()):
+                    stopped = s.step < total
+                    break
+        except RuntimeError as e:  # a collective failed or timed out: a rank is gone
+            if not peer_gone(e):
+                raise
+            raise lost_contact(self.acc.process_index, self.hosts, e, self._kept()) from None
         self.bar.close()
         path = self.save() if last_saved != s.step else None
         if not stopped and not already_done:

@@ -356,6 +356,36 @@ def test_two_rank_stop_and_resume_equals_a_straight_two_rank_run(ref, tmp_path):
     assert_same_checkpoint(run / "checkpoints/step_00000024", straight / "checkpoints/step_00000024")
 
 
+@pytest.mark.parametrize("fate", ["killed", "hung"])
+def test_a_rank_whose_node_dies_or_hangs_ends_the_other_rank_clearly_within_the_collective_timeout(
+        ref, tmp_path, fate):
+    """A dead node (its processes gone: the connection resets) or a hung one (SIGSTOP: nothing
+    answers) must not leave rank 0 waiting until the time limit: it exits 2 with one line that
+    names the other rank's host, keeping the last checkpoint."""
+    run = tmp_path / "run"
+    args = train_args(run, ref, **{"train.max_steps": 100000, "train.checkpoint_interval": 5,
+                                   "run.collective_timeout_s": 10})
+    ranks = _start_ranks(args, tmp_path, free_port())
+    try:
+        wait_until(lambda: trained_steps(run, ranks[0].t0) >= 6, ranks[0], "6 steps on 2 ranks")
+        ranks[1].proc.send_signal(signal.SIGKILL if fate == "killed" else signal.SIGSTOP)
+        t0 = time.monotonic()
+        code = ranks[0].wait(timeout=120)
+        waited = time.monotonic() - t0
+    finally:
+        for c in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                c.proc.send_signal(signal.SIGCONT)
+            c.kill()
+    err = ranks[0].stderr()
+    assert code == 2, f"exit {code}:\n{err[-2000:]}"
+    lines = [x for x in err.splitlines() if x.startswith("lmcore: error:")]
+    assert len(lines) == 1 and "lost contact with the other ranks" in lines[0], err[-2000:]
+    assert os.uname().nodename in lines[0] and "resume" in lines[0]
+    assert "Traceback" not in err
+    assert waited < 10 + 60, f"rank 0 took {waited:.0f} s to give up"
+    assert max(checkpoint_steps(run)) >= 5 and not list((run / "checkpoints").glob(".tmp-*"))
+
 # == 3. corruption ===================================================================================
 def _flip(path: Path, at: int = -7) -> None:
     data = bytearray(path.read_bytes())

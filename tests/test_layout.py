@@ -13,8 +13,9 @@ from tests.conftest import REPO
 
 # Lowest first. A module may import modules of its own layer or of a lower one.
 LAYERS = [
-    ("foundations", ["lmcore", "lmcore.errors", "lmcore.fileio", "lmcore.rundir", "lmcore.schema",
-                     "lmcore.slurm", "lmcore.slurm.env", "lmcore.deps", "lmcore.presets", "lmcore.explain"]),
+    ("foundations", ["lmcore", "lmcore.errors", "lmcore.fileio", "lmcore.reading", "lmcore.rundir",
+                     "lmcore.schema", "lmcore.slurm", "lmcore.slurm.env", "lmcore.deps", "lmcore.presets",
+                     "lmcore.explain"]),
     ("config", ["lmcore.config", "lmcore.overrides"]),
     ("data, runtime, tracking", ["lmcore.data.*", "lmcore.loss", "lmcore.runtime.*", "lmcore.track.*"]),
     ("model", ["lmcore.model", "lmcore.optim"]),

@@ -26,7 +26,7 @@ from lmcore.gen.merge import merge_outputs
 from lmcore.slurm.submit import max_array_size, plan, submit_plan, wait
 from lmcore.track.metrics import read_metrics
 from tests.conftest import REPO, run_cli
-from tests.slurm_helpers import SMALL, cluster_env, local_profile, require_cluster, wait_until
+from tests.slurm_helpers import SMALL, STATE_DIR, cluster_env, local_profile, require_cluster, wait_until
 
 WAIT_S = 300
 STEPS = 24
@@ -263,3 +263,72 @@ def test_a_preempted_or_requeued_two_node_run_resumes_and_ends_bit_identical(slu
     # before it flushes) the second one sent again, from metrics.jsonl
     logged = {r["step"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r}
     assert set(logged) <= {*first, *second}, sorted(set(logged) - {*first, *second})
+
+
+# -- a node that dies mid-run ----------------------------------------------------------------------
+def _node(action: str, node: str) -> None:
+    proc = subprocess.run(["bash", str(REPO / "slurm/local/node.sh"), action, node, str(STATE_DIR)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def node2_back(slurm):
+    """node2 is started again after the test, whatever happened in it."""
+    yield
+    subprocess.run(["bash", str(REPO / "slurm/local/node.sh"), "start", "node2", str(STATE_DIR)],
+                   capture_output=True, timeout=120)
+
+
+@pytest.mark.parametrize("noticed", ["at-once", "later"])
+def test_a_node_that_dies_mid_run_ends_the_job_clearly_and_the_requeued_job_resumes_bit_identical(
+        slurm, submitted, tmp_path, node2_back, noticed):
+    """node2's slurmd and the job's processes on it are killed by PID, and node2 is marked down
+    at once, or later (as SlurmdTimeout would). The rank on node1 does not wait for the time
+    limit: within the collective timeout it stops with one line naming node2. SLURM fails the job
+    (NODE_FAIL) and requeues it (JobRequeue=1); once node2 is back the job resumes from the last
+    checkpoint and ends with the weights of an uninterrupted run."""
+    steps, every = 600, 100
+    common = [*SMALL, f"train.max_steps={steps}", f"train.checkpoint_interval={every}", "train.batch_size=4",
+              "run.collective_timeout_s=30"]
+    profile = local_profile(tmp_path, nodes=2, tasks_per_node=1)
+    run = tmp_path / "run"
+    (sub,) = submit("train", profile, [*common, f"run.dir={run}"], submitted)
+    log = Path(sub.log_paths()[1])
+    wait_until(lambda: any(run.glob(f"checkpoints/step_{every:08d}")), WAIT_S, "a first checkpoint", log)
+    assert nodes_of(sub.job_id)[1] == "node2"
+    if noticed == "at-once":
+        _node("kill", "node2")
+    else:  # the processes die, but slurmctld believes in node2 until SlurmdTimeout
+        pids = subprocess.run(["ip", "netns", "pids", _netns("node2")], capture_output=True, text=True,
+                              timeout=30).stdout.split()
+        subprocess.run(["kill", "-KILL", *pids], timeout=30)
+    waited = wait_until(lambda: "lost contact" in log.read_text(errors="replace"), 30 + 60,
+                        "rank 0 to give up on node2", log)
+    line = next(x for x in log.read_text(errors="replace").splitlines() if "lmcore: error:" in x)
+    assert "rank 0 on node1 lost contact" in line and "node2" in line and "resume" in line, line
+    if noticed == "later":
+        subprocess.run(["scontrol", "update", "nodename=node2", "state=down", "reason=test"], check=True,
+                       timeout=30)
+    wait_until(lambda: _records(sub.job_id)[0][1] == "NODE_FAIL", 60, "SLURM to fail the job", log)
+    _node("start", "node2")  # SLURM runs the requeued job once both nodes are up
+    result = wait(sub, 2 * WAIT_S)
+    assert [r["restarts"] for r in result] == [1, 1] and result[0]["step"] == steps, result
+    resumed = re.findall(r"resumed from \S+/checkpoints/step_(\d+)", log.read_text())
+    assert resumed and int(resumed[-1]) >= every
+    report = run_cli("status", str(run)).stdout
+    assert "NODE_FAIL" in report and "COMPLETED" in report, report
+    straight = tmp_path / "straight"
+    (ref,) = submit("train", local_profile(tmp_path, nodes=1, tasks_per_node=2),
+                    [*common, f"run.dir={straight}"], submitted)
+    wait(ref, 2 * WAIT_S)
+    wa = load_file(str(run / "checkpoints" / f"step_{steps:08d}" / "model.safetensors"))
+    wb = load_file(str(straight / "checkpoints" / f"step_{steps:08d}" / "model.safetensors"))
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    print(f"rank 0 gave up {waited:.1f} s after node2 died")
+
+
+def _netns(node: str) -> str:
+    ident = dict(line.split("=", 1) for line in (STATE_DIR / "cluster.env").read_text().split())
+    return f"lmc{ident['cluster_id']}-n{node.removeprefix('node')}"

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import ctypes
+import datetime
 import os
+import re
+import socket
 
 import torch
 
 from lmcore.config import Config
 from lmcore.deps import require
+from lmcore.errors import LmcoreError, first_line
+from lmcore.slurm.env import nodes_down
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
 
@@ -36,6 +41,7 @@ def make_accelerator(cfg: Config):
     require("accelerate")
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import InitProcessGroupKwargs
 
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         # Accelerate keeps its settings process-wide; a single process may run several jobs
@@ -45,8 +51,47 @@ def make_accelerator(cfg: Config):
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     keep_freed_memory()
-    precision = cfg.train.mixed_precision
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision)
+    # A bounded wait in every collective: a rank whose peer's node died ends in minutes, not at the
+    # time limit (gloo's own default is 30 minutes).
+    group = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.run.collective_timeout_s))
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
+                       kwargs_handlers=[group])
+
+
+def rank_hosts(accelerator) -> list[str]:
+    """The host of every rank, in rank order (one collective, at the start of a job)."""
+    if accelerator.num_processes == 1:
+        return [socket.gethostname()]
+    hosts: list[str | None] = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(hosts, socket.gethostname())
+    return [str(h) for h in hosts]
+
+
+# What a collective raises when a peer is gone: DistError subclasses, or (from DDP's backward hooks
+# and gloo) a plain RuntimeError naming the transport; a bug elsewhere never matches these.
+_PEER_GONE = re.compile(r"gloo|nccl|c10d|ProcessGroup|Connection (reset|closed|refused)|timed out|Timeout",
+                        re.I)
+
+
+def peer_gone(error: BaseException) -> bool:
+    """Whether this exception means another rank stopped answering (its node died or hung)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    return isinstance(error, torch.distributed.DistError) or (
+        isinstance(error, RuntimeError) and bool(_PEER_GONE.search(str(error))))
+
+
+def lost_contact(rank: int, hosts: list[str] | None, error: BaseException, kept: str) -> LmcoreError:
+    """One line for a collective that failed or timed out: what the transport said, where the
+    other ranks ran (and which of those nodes SLURM reports down), what is kept, what to do."""
+    me = hosts[rank] if hosts else socket.gethostname()
+    others = sorted({h for h in hosts or [] if h != me}) or [me]
+    down = nodes_down(others)
+    where = f"node(s) {', '.join(down)} are down" if down else f"the other ranks ran on {', '.join(others)}"
+    # gloo prefixes its source position and appends advice; keep the sentence in between
+    said = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error)).split(". ")[0]
+    return LmcoreError(f"rank {rank} on {me} lost contact with the other ranks ({said}); {where}; {kept}: "
+                       "submit the job again (on healthy nodes: sbatch --exclude=NODE) to resume")
 
 
 def all_sum(accelerator, values: list[float]) -> list[float]:

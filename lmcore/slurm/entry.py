@@ -43,6 +43,7 @@ import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
 
 from lmcore.config import config_from_dict
+from lmcore.errors import LmcoreError
 from lmcore.runtime.signals import STOPPED_EXIT
 from lmcore.slurm import JobFailedError
 from lmcore.slurm.env import master_port, resolve_master, threads_from_slurm
@@ -131,7 +132,10 @@ class LmcoreJob(Checkpointable):
         except _Escape:
             _quiet_signals()
         if "error" in self._outcome:
-            raise self._outcome["error"]
+            error = self._outcome["error"]
+            if isinstance(error, LmcoreError):  # the one line first; submitit's trace follows
+                print(f"lmcore: error: {error}", file=sys.stderr, flush=True)
+            raise error
         if self._stopped_early():
             # Not requeued by us: SLURM cancels this job or requeues it itself (preemption).
             # Leave no result, so a client sees the job's real state, not a stale answer.

@@ -97,6 +97,18 @@ def job_record(env: Mapping[str, str] = os.environ) -> dict[str, str] | None:
     return {"restart": "0", **{k: env[v] for k, v in keys.items() if env.get(v)}}
 
 
+def nodes_down(hosts: list[str]) -> list[str]:
+    """Which of these hosts SLURM reports down, drained or not responding ([] outside SLURM)."""
+    if not hosts or not os.environ.get("SLURM_JOB_ID"):
+        return []
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-n", ",".join(hosts), "-t", "down,drain,fail,no_respond",
+                              "-o", "%N"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return sorted(set(out.split()))
+
+
 def array_job_id(env: Mapping[str, str] = os.environ) -> str:
     """The job id of this task's array ("" outside an array)."""
     return env.get("SLURM_ARRAY_JOB_ID", "")

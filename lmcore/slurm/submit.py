@@ -346,7 +346,9 @@ def wait(sub: Submitted, timeout_s: float, poll_s: float = 2.0) -> list[Any]:
     for job in sub.jobs:
         for j in [job, *job._sub_jobs]:
             j._results_timeout_s = min(j._results_timeout_s, 10)  # a missing result is no reason to hang
-        while not job.done(force_check=True):
+        # done: a result file, or an end; a job SLURM requeued (a failed node, a preemption) can
+        # have both from its last run and still be queued to run again
+        while not job.done(force_check=True) or _still_queued(job.job_id):
             if time.monotonic() > deadline:
                 raise JobFailedError(f"{sub.kind} job {job.job_id} not finished after {timeout_s:.0f} s "
                                      f"(state {job_state(job)}); it keeps running: squeue -j {job.job_id}, "
@@ -359,6 +361,17 @@ def wait(sub: Submitted, timeout_s: float, poll_s: float = 2.0) -> list[Any]:
         results.append(out)
     # One job: its tasks' (ranks') results; an array: each array task's result.
     return results[0] if len(results) == 1 else [r[0] for r in results]
+
+
+def _still_queued(job_id: str) -> bool:
+    """Whether SLURM still holds the job (pending, requeued, running, completing: a job whose
+    node failed completes before SLURM requeues it)."""
+    try:
+        proc = subprocess.run(["squeue", "-h", "-j", job_id, "-t", "PD,R,CF,CG,RQ,RH,RS,RD,S,SI,SO,ST",
+                               "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0 and bool(proc.stdout.strip())
 
 
 def failure_line(kind: str, job, error: BaseException) -> str:
