@@ -22,10 +22,11 @@ from lmcore.schema import Reader, Value, read_yaml, set_path, setting, where_of
 @dataclass
 class RunConfig:
     dir: str = setting("runs/default", "run folder: checkpoints, metrics, the resolved config", nonempty=True)
-    seed: int = setting(0, "seed of the initial weights, the data order and dropout")
-    threads: int = setting(0, "torch intra-op threads per process; 0 = torch's default", ge=0)
+    seed: int = setting(0, "seed of the initial weights, the data order and dropout", ge=0, lt=2**32)
+    threads: int = setting(0, "torch intra-op threads per process; 0 = torch's default", ge=0, le=1024)
     collective_timeout_s: int = setting(300, "how long a rank waits for the others in a collective before "
-                                             "it gives up (a dead node), seconds", gt=0)
+                                             "it gives up (a dead node), seconds", gt=0,
+                                         le=86400)
 
 
 @dataclass
@@ -50,9 +51,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    embedding_dim: int = setting(300, "word embedding size", gt=0)
-    hidden_dim: int = setting(256, "LSTM hidden size", gt=0)
-    num_layers: int = setting(1, "LSTM layers", gt=0)
+    embedding_dim: int = setting(300, "word embedding size", gt=0, le=65536)
+    hidden_dim: int = setting(256, "LSTM hidden size", gt=0, le=65536)
+    num_layers: int = setting(1, "LSTM layers", gt=0, le=64)
     dropout: float = setting(0.0, "dropout on embeddings, between layers and on the LSTM output",
                              ge=0.0, lt=1.0)
     tie_weights: bool = setting(False, "share embedding and output weights (through a projection if "
@@ -62,7 +63,8 @@ class ModelConfig:
                 "softmax over the frequency-ordered vocabulary (exact, normalised, far cheaper)")
     adaptive_cutoffs: list[int] = setting(help="adaptive: word ids where the softmax clusters start",
                                           factory=lambda: [2000, 10000], gt=0)
-    adaptive_div: float = setting(4.0, "adaptive: each tail cluster's size divided by this", gt=1.0)
+    adaptive_div: float = setting(4.0, "adaptive: each tail cluster's size divided by this", gt=1.0,
+                                 le=64.0)
 
 
 @dataclass
@@ -80,10 +82,11 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = setting(32, "reviews (padded) or streams (packed) per process and micro-step", gt=0)
+    batch_size: int = setting(32, "reviews (padded) or streams (packed) per process and micro-step", gt=0,
+                             le=1_000_000)
     epochs: int = setting(10, "passes over the training data (when max_steps is 0)", ge=0)
     max_steps: int = setting(0, "optimizer steps; 0 = run the epochs", ge=0)
-    grad_accum: int = setting(1, "micro-batches per optimizer step", gt=0)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", gt=0, le=1024)
     mixed_precision: Literal["no", "bf16"] = setting("no", "autocast precision of the matmuls")
     loss_chunk: int = setting(128, "rows per chunk of the fused projection + loss; 0 = plain PyTorch", ge=0)
     log_interval: int = setting(20, "a metrics row (and a log line) every N steps", gt=0)
@@ -101,7 +104,7 @@ class EvalConfig:
     split: str = setting("test", "split to evaluate", nonempty=True)
     stride: int = setting(1, "every Nth review", gt=0)
     limit: int = setting(0, "at most N reviews; 0 = all", ge=0)
-    batch_size: int = setting(64, "reviews per batch", gt=0)
+    batch_size: int = setting(64, "reviews per batch", gt=0, le=1_000_000)
     checkpoint: str = setting("", "a checkpoint or run folder; '' = the latest in run.dir")
     notebook_figure: bool = setting(True, "also the notebook's unmasked figure (pads counted; not a "
                                           "perplexity of the text)")
@@ -111,19 +114,24 @@ class EvalConfig:
 class GenerateConfig:
     checkpoint: str = setting("", "a checkpoint or run folder; '' = the latest in run.dir")
     prompts: str = setting("", "JSONL ({\"id\", \"prompt\"} per line) or text file, one prompt per line")
-    num_samples: int = setting(4, "unconditional samples from <bos> when no prompts file is given", ge=0)
-    samples_per_prompt: int = setting(1, "completions per prompt", gt=0)
-    temperature: float = setting(1.0, "softmax temperature; 0 = greedy", ge=0.0)
+    num_samples: int = setting(4, "unconditional samples from <bos> when no prompts file is given", ge=0,
+                              le=10**9)
+    samples_per_prompt: int = setting(1, "completions per prompt", gt=0, le=100_000)
+    temperature: float = setting(1.0, "softmax temperature; 0 = greedy, else 0.001 to 1000 (float32 logits "
+                                            "overflow beyond)", ge=0.0, le=1000.0)
     top_k: int = setting(0, "sample among the k most likely words; 0 = off", ge=0)
     top_p: float = setting(1.0, "nucleus sampling: the smallest set with this much probability",
                            gt=0.0, le=1.0)
-    max_new_tokens: int = setting(50, "words generated per completion at most", ge=0)
+    max_new_tokens: int = setting(50, "words generated per completion at most", ge=0, le=1_000_000)
+    max_prompt_words: int = setting(10_000, "a longer prompt is a bad line (see bad_lines): the model reads "
+                                            "every word of a prompt before it writes one", gt=0)
     seed: int = setting(0, "seed of every (prompt id, sample) random stream")
-    batch_size: int = setting(256, "rows (prompt x sample) per batch, length-aware within a chunk", gt=0)
+    batch_size: int = setting(256, "rows (prompt x sample) per batch, length-aware within a chunk", gt=0,
+                             le=1_000_000)
     output_dir: str = setting("", "bulk mode: chunk files, the merged JSONL and its manifest go here")
     shard_index: int = setting(-1, "this shard; -1 = SLURM_ARRAY_TASK_ID's, else 0", ge=-1)
     num_shards: int = setting(0, "shards of the job; 0 = the SLURM array's size, else 1", ge=0)
-    chunk_size: int = setting(1024, "prompts per atomically written output chunk", gt=0)
+    chunk_size: int = setting(1024, "prompts per atomically written output chunk", gt=0, le=10_000_000)
     bad_lines: Literal["error", "skip"] = setting("error", "a malformed prompt line: stop, or set it aside "
                                                            "in rejects.jsonl")
     precision: Literal["auto", "fp32", "bf16", "int8"] = setting(
@@ -175,6 +183,10 @@ class Config:
             if m.adaptive_cutoffs != sorted(set(m.adaptive_cutoffs)) or not m.adaptive_cutoffs:
                 fail("model.adaptive_cutoffs", f"model.adaptive_cutoffs must be increasing positive ids; "
                                                f"got {m.adaptive_cutoffs}")
+        if 0 < self.generate.temperature < 1e-3:
+            fail("generate.temperature", f"generate.temperature={self.generate.temperature:g} divides the "
+                                         "logits past float32's range; use 0 for greedy decoding, else at "
+                                         "least 0.001")
 
 
 def _to_plain(obj: Any) -> Any:

@@ -371,10 +371,16 @@ def where_of(tree: Value, dotted: str) -> str:
     return node.where
 
 
+def _bound(x: float) -> str:
+    return str(x) if isinstance(x, int) and abs(x) < 10**12 else f"{x:g}"
+
+
 def range_text(f: dataclasses.Field) -> str:
     m = f.metadata
-    lo = f"> {m['gt']:g}" if m.get("gt") is not None else f">= {m['ge']:g}" if m.get("ge") is not None else ""
-    hi = f"< {m['lt']:g}" if m.get("lt") is not None else f"<= {m['le']:g}" if m.get("le") is not None else ""
+    lo = f"> {_bound(m['gt'])}" if m.get("gt") is not None else \
+        f">= {_bound(m['ge'])}" if m.get("ge") is not None else ""
+    hi = f"< {_bound(m['lt'])}" if m.get("lt") is not None else \
+        f"<= {_bound(m['le'])}" if m.get("le") is not None else ""
     if lo and hi:
         left = "(" if lo.startswith(">") and not lo.startswith(">=") else "["
         right = ")" if hi.startswith("<") and not hi.startswith("<=") else "]"
