@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +37,7 @@ from lmcore import fileio
 from lmcore.data.tokenizer import WordTokenizer
 from lmcore.errors import CheckpointError, LmcoreError, first_line
 from lmcore.model import LSTMLM
+from lmcore.reading import json_value
 from lmcore.rundir import STEP_PREFIX, RunDir
 
 MANIFEST = "manifest.json"
@@ -144,29 +148,67 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+# A file a manifest lists is a plain name inside its folder: never a path out of it.
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_REQUIRED = ("model.safetensors", "tokenizer.json")
+
+
 def _parse_manifest(path: Path, data: bytes) -> dict[str, Any]:
     try:
-        manifest = json.loads(data)
+        manifest = json_value(data)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ValueError("not an lmcore checkpoint")
-        files = manifest.get("files")
-        if not isinstance(files, dict) or not all(isinstance(v, dict) and "sha256" in v and "bytes" in v
-                                                  for v in files.values()):
-            raise ValueError("no file list")
-        if not isinstance(manifest.get("architecture"), dict) or "tokenizer_fingerprint" not in manifest:
+        _check_file_list(manifest.get("files"))
+        step = manifest.get("step", 0)
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step {step!r} is not a step number")
+        arch = manifest.get("architecture")
+        if not isinstance(arch, dict) or not isinstance(manifest.get("tokenizer_fingerprint"), str):
             raise ValueError("incomplete manifest")
+        vocab = arch.get("vocab_size")
+        if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab <= 0:
+            raise ValueError(f"architecture vocab_size {vocab!r} is not a positive integer")
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is damaged ({e})") from None
+    LSTMLM.model_config(arch, f"checkpoint {path.parent}")  # every other key, by the config's own rules
     return manifest
 
 
-def _read(folder: Path, name: str, missing: str) -> bytes:
+def _check_file_list(files: Any) -> None:
+    if not isinstance(files, dict):
+        raise ValueError("no file list")
+    for name, info in files.items():
+        if not _FILE_NAME.fullmatch(name) or ".." in name:
+            raise ValueError(f"it lists {name[:80]!r}, which is not a file name inside the folder")
+        if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and info["bytes"] >= 0
+                and isinstance(info.get("sha256"), str) and _SHA256.fullmatch(info["sha256"])):
+            raise ValueError(f"the entry of {name} is not a size and a sha256")
+    missing = [n for n in _REQUIRED if n not in files]
+    if missing:
+        raise ValueError(f"it does not list {', '.join(missing)}")
+
+
+def _read(folder: Path, name: str, missing: str, size: int | None = None) -> bytes:
+    """A file's bytes; only a regular file is opened for good (a FIFO would block, a device never
+    end), and one whose size is not the manifest's is not read at all."""
+    path = folder / name
     try:
-        return (folder / name).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise CheckpointError(missing) from None
     except OSError as e:
         raise CheckpointError(f"checkpoint {folder}: {name} cannot be read ({first_line(e)})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"checkpoint {folder}: {name} is not a regular file")
+        if size is not None and st.st_size != size:
+            raise CheckpointError(f"checkpoint {folder}: {name} fails its checksum (truncated or corrupted)")
+        try:
+            return f.read()
+        except OSError as e:
+            raise CheckpointError(f"checkpoint {folder}: {name} cannot be read ({first_line(e)})") from None
 
 
 @dataclass
@@ -185,7 +227,7 @@ class Checkpoint:
         manifest = _parse_manifest(path / MANIFEST, raw)
         files = {}
         for name, info in manifest["files"].items():
-            data = _read(path, name, f"checkpoint {path} is missing {name}")
+            data = _read(path, name, f"checkpoint {path} is missing {name}", info["bytes"])
             if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
                 raise CheckpointError(f"checkpoint {path}: {name} fails its checksum (truncated or "
                                       "corrupted)")
@@ -215,7 +257,7 @@ class Checkpoint:
 
     def _json(self, name: str) -> Any:
         try:
-            return json.loads(self.files[name])
+            return json_value(self.files[name])
         except (KeyError, ValueError) as e:
             raise self._unreadable(name, e) from None
 

@@ -16,7 +16,9 @@ Existing tests that this does not repeat: tests/test_bad_inputs.py, tests/test_g
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import subprocess
 from collections.abc import Callable
@@ -132,6 +134,28 @@ def newer_architecture(tmp: Path) -> None:
         manifest = json.loads((ckpt / "manifest.json").read_text())
         manifest["architecture"]["attention_heads"] = 4
         (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+def every_manifest(edit: Callable[[dict, Path], None]) -> Callable[[Path], None]:
+    """Edit the manifest of every checkpoint as someone who can write the folder could."""
+    def setup(tmp: Path) -> None:
+        for ckpt in checkpoints(tmp):
+            manifest = json.loads((ckpt / "manifest.json").read_text())
+            edit(manifest, ckpt)
+            (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    return setup
+
+
+def list_outside_file(manifest: dict, ckpt: Path) -> None:
+    """A file list naming a real file outside the folder, with its true size and checksum."""
+    outside = ckpt.parent.parent / "config.yaml"
+    data = outside.read_bytes()
+    manifest["files"]["../../config.yaml"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def list_fifo(manifest: dict, ckpt: Path) -> None:
+    os.mkfifo(ckpt / "pipe")
+    manifest["files"]["pipe"] = {"bytes": 1, "sha256": "0" * 64}
 
 
 def adaptive_run(tmp: Path) -> None:
@@ -349,6 +373,29 @@ CASES: dict[str, Case] = {
         adaptive_run),
     "verify-a-bit-flipped-checkpoint": Case(
         ("verify", "{ckpt}"), ("{ckpt}", "fails its checksum"), flip_every_checkpoint, run=True),
+    # -- manifests (hunt) ---------------------------------------------------------------------------
+    "manifest-lists-a-file-outside-the-checkpoint": Case(
+        EVAL, ("{run}", "no valid checkpoint", "../../config.yaml", "not a file name inside the folder"),
+        every_manifest(list_outside_file), run=True),
+    "manifest-lists-a-device": Case(
+        EVAL, ("{run}", "no valid checkpoint", "/dev/zero"),
+        every_manifest(lambda m, c: m["files"].update({"/dev/zero": {"bytes": 1, "sha256": "0" * 64}})),
+        run=True),
+    "manifest-lists-a-fifo": Case(
+        EVAL, ("{run}", "no valid checkpoint", "pipe", "not a regular file"), every_manifest(list_fifo),
+        run=True),
+    "manifest-nested-too-deeply": Case(
+        EVAL, ("{run}", "no valid checkpoint", "nested too deeply"),
+        manifest_of_every_checkpoint("[" * 100_000 + "]" * 100_000), run=True),
+    "manifest-architecture-of-wrong-types": Case(
+        EVAL, ("{run}", "hidden_dim"),
+        every_manifest(lambda m, c: m["architecture"].update(hidden_dim="x")), run=True),
+    "manifest-negative-vocabulary": Case(
+        EVAL, ("{run}", "vocab_size"),
+        every_manifest(lambda m, c: m["architecture"].update(vocab_size=-5)), run=True),
+    "manifest-step-not-a-number": Case(
+        EVAL, ("{run}", "no valid checkpoint", "step 'abc'"),
+        every_manifest(lambda m, c: m.update(step="abc")), run=True),
     "trainer-state-missing-keys": Case(
         RESUME, ("{ckpt}", "trainer_state.json"),
         in_checkpoint("trainer_state.json", trainer_state_without_keys),
