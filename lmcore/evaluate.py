@@ -119,14 +119,19 @@ def evaluate(model: LSTMLM, split: TokenizedSplit, tok: WordTokenizer, batch_siz
     notebook_ppl = None
     if notebook_figure and truncate:
         u_nll, u_count = _sum_over_ranks(unmasked, len(groups), accelerator)
-        notebook_ppl = math.exp(u_nll / u_count)
+        notebook_ppl = perplexity(u_nll / u_count)
     model.train(was_training)
     loss = nll / max(count, 1)
     return EvalResult(
-        masked_ppl=math.exp(loss), masked_loss=loss, num_targets=count, num_reviews=len(split),
+        masked_ppl=perplexity(loss), masked_loss=loss, num_targets=count, num_reviews=len(split),
         seconds=round(seconds, 3), tokens_per_s=round(count / seconds, 1) if seconds else 0.0,
         notebook_unmasked_ppl=notebook_ppl,
     )
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss); inf past float's range (a diverged model), never an OverflowError."""
+    return math.exp(loss) if loss < 709.0 else math.inf
 
 
 def run_eval(cfg: Config) -> dict | None:

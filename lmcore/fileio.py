@@ -15,10 +15,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -189,7 +191,11 @@ def create_exclusive(path: str | os.PathLike, data: bytes) -> bool:
 def open_lock(path: str | os.PathLike) -> int:
     """A file descriptor of the lock file at path (created if needed), for flock."""
     make_dir(Path(path).parent)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    # never through a symlink (ELOOP), never blocking on a FIFO; only a regular file is a lock
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, FILE_MODE)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
     return fd
 
 

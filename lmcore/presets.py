@@ -33,6 +33,9 @@ def find(spec: str, folder: Path, what: str, error: type[LmcoreError] = ConfigEr
     path = Path(spec).expanduser()
     if path.is_file():
         return path
+    if path.exists():
+        raise error(f"{what} file {spec} is {'a folder' if path.is_dir() else 'not a regular file'}; pass a "
+                    "YAML file")
     looks_like_a_path = "/" in spec or spec.endswith((".yaml", ".yml"))
     builtin = folder / f"{spec}.yaml"
     if not looks_like_a_path and builtin.is_file():

@@ -38,7 +38,9 @@ def json_value(text: str | bytes) -> Any:
     except ValueError as e:
         if isinstance(e, json.JSONDecodeError):
             raise
-        raise ValueError(f"a number with too many digits ({e})") from None
+        digits = re.search(r"\((\d+) digits\)", str(e))
+        limit = digits.group(1) if digits else "the allowed"
+        raise ValueError(f"a number of more than {limit} digits") from None
     raw = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
     if _SURROGATE_ESCAPE.search(raw):
         _check_text(value)

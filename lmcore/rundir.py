@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmcore.errors import LmcoreError
+
 CHECKPOINTS = "checkpoints"
 STEP_PREFIX = "step_"
 
@@ -55,6 +57,19 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
+
+    def check_kinds(self) -> None:
+        """Refuse a run folder whose entries are of the wrong kind (a folder where lmcore keeps a
+        file, a file where it keeps its checkpoints), before a job spends time on it."""
+        if self.path.exists() and not self.path.is_dir():
+            raise LmcoreError(f"run.dir {self.path} is a file, not a folder; set run.dir to a folder")
+        for p in (self.config, self.tokenizer, self.metrics, self.jobs, self.wandb_state):
+            if p.exists() and not p.is_file():
+                raise LmcoreError(f"run.dir {self.path} holds {p.name} as something other than a file (a "
+                                  "folder?), where lmcore keeps a file: move it away, or use another run.dir")
+        if self.checkpoints.exists() and not self.checkpoints.is_dir():
+            raise LmcoreError(f"run.dir {self.path} holds a file named {CHECKPOINTS}, where lmcore keeps its "
+                              "checkpoint folders: move it away, or use another run.dir")
 
     def step_dir(self, step: int) -> Path:
         return self.checkpoints / step_dir_name(step)

@@ -108,6 +108,8 @@ def read_yaml(path: str | Path, what: str = "config file", error: type[LmcoreErr
     path = Path(path)
     if path.is_dir():
         raise error(f"{what} {path} is a folder; pass a YAML file")
+    if path.exists() and not path.is_file():  # a FIFO would block the read, a device never end it
+        raise error(f"{what} {path} is not a regular file; pass a YAML file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -126,11 +128,16 @@ def read_yaml(path: str | Path, what: str = "config file", error: type[LmcoreErr
         raise error(f"{what} {path} is not valid YAML: {cause}{pos}") from None
     except yaml.YAMLError as e:
         raise error(f"{what} {path} is not valid YAML ({first_line(e)})") from None
+    except RecursionError:
+        raise error(f"{what} {path} nests lists or mappings too deeply to be a config") from None
     if len(docs) > 1:
         raise error(f"{what} {path} holds {len(docs)} YAML documents (---); keep one")
     if not docs or (isinstance(docs[0], yaml.ScalarNode) and docs[0].tag == _NULL_TAG):
         return Value({}, str(path))
-    tree = _from_node(docs[0], str(path), lambda m: error(f"{what} {m}"))
+    try:
+        tree = _from_node(docs[0], str(path), lambda m: error(f"{what} {m}"))
+    except RecursionError:
+        raise error(f"{what} {path} nests lists or mappings too deeply to be a config") from None
     if not tree.is_mapping:
         raise error(f"{what} {path} must hold a mapping of keys, e.g. 'optim: ...' (found a "
                     f"{'list' if isinstance(tree.data, list) else 'single value'})")
@@ -258,11 +265,13 @@ class Reader:
         return [v]  # one value where a list goes: a list of it
 
     def _untyped(self, v: Value, name: str) -> Any:
-        """A value of a free-form mapping (profile env, sbatch options): YAML's own reading."""
+        """A value of a free-form mapping (profile env, sbatch options): its text, or a boolean."""
         if v.is_mapping or isinstance(v.data, list) or v.null:
             self.fail(f"{self.value_name(name)} must be a single value; got {_shown(v)}{v.at()}")
-        if v.text and v.tag != "tag:yaml.org,2002:str":
-            return yaml.safe_load(v.data)
+        # The text as written ('0755', 'on', '1:30'), which YAML 1.1 would turn into 493, True and 90;
+        # only true and false are read (a bare sbatch flag, an omitted one).
+        if v.text and v.tag != "tag:yaml.org,2002:str" and v.data.strip().lower() in ("true", "false"):
+            return v.data.strip().lower() == "true"
         return v.data
 
     def _scalar(self, v: Value, tp: type, name: str) -> Any:

@@ -42,6 +42,7 @@ from lmcore.runtime.accelerator import (
     any_rank,
     lost_contact,
     make_accelerator,
+    out_of_memory,
     peer_gone,
     rank_hosts,
 )
@@ -133,6 +134,7 @@ def train(cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
           progress: bool = True) -> TrainResult:
     """Train (or resume) the run in cfg.run.dir. Everything that can be checked is checked
     before the run folder is claimed (its lock taken), so bad input writes nothing."""
+    RunDir(cfg.run.dir).check_kinds()
     acc = make_accelerator(cfg)
     with acc.main_process_first():  # rank 0 builds the token caches, the others then read them
         corpus = load_corpus(cfg.data)
@@ -144,8 +146,8 @@ def train(cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
         trainer.resume_or_start()
         return trainer.fit(stop_requested, progress)
     finally:
-        if lock is not None:
-            lock.release()
+        if lock is not None:  # a new run folder that got not one step done is not kept
+            lock.release(discard=trainer.state.step == 0 and not list_checkpoints(trainer.run.checkpoints))
 
 
 class Trainer:
@@ -162,7 +164,7 @@ class Trainer:
         steps_per_epoch = math.ceil(self.batches.steps_per_epoch / cfg.train.grad_accum)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
         torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-        self.model = LSTMLM(len(tok), cfg.model, tok.pad_id, cfg.train.loss_chunk)
+        self.model = _build_model(len(tok), cfg, tok.pad_id)
         self.optimizer = make_adam(list(self.model.parameters()), cfg.optim, acc.device.type)
         torch.manual_seed(cfg.run.seed * 1000 + self.rank)  # dropout's stream, one per rank
         self.state = TrainState(world_size=self.world)
@@ -251,10 +253,15 @@ class Trainer:
                 if any_rank(self.acc, stop_requested()):
                     stopped = s.step < total
                     break
-        except RuntimeError as e:  # a collective failed or timed out: a rank is gone
-            if not peer_gone(e):
+        except RuntimeError as e:
+            if peer_gone(e):  # a collective failed or timed out: a rank is gone
+                raise lost_contact(self.acc.process_index, self.hosts, e, self._kept()) from None
+            asked = out_of_memory(e)
+            if asked is None:
                 raise
-            raise lost_contact(self.acc.process_index, self.hosts, e, self._kept()) from None
+            raise LmcoreError(f"out of memory at step {s.step + 1} ({asked}); {self._kept()}: lower "
+                              "train.batch_size (raise train.grad_accum to keep the batch), data.truncate "
+                              "or the model size, then run again") from None
         self.bar.close()
         path = self.save() if last_saved != s.step else None
         if not stopped and not already_done:
@@ -315,7 +322,7 @@ class Trainer:
         elif self.cfg.train.nonfinite == "error":
             raise LmcoreError(
                 f"non-finite loss or gradient at step {s.step + 1} (loss sum {loss_sum}, grad norm "
-                f"{grad_norm}); the last checkpoint is intact: lower optim.lr, set optim.grad_clip, or set "
+                f"{grad_norm}); {self._kept()}: lower optim.lr, set optim.grad_clip, or set "
                 "train.nonfinite=skip to skip such steps")
         else:
             s.skipped_steps += 1
@@ -409,6 +416,19 @@ class Trainer:
         if not previous:
             return "no earlier checkpoint exists"
         return f"the {which} checkpoint {previous[-1]} is intact"
+
+
+def _build_model(vocab: int, cfg: Config, pad_id: int) -> LSTMLM:
+    m = cfg.model
+    try:
+        return LSTMLM(vocab, m, pad_id, cfg.train.loss_chunk)
+    except (MemoryError, RuntimeError) as e:
+        asked = out_of_memory(e)
+        if asked is None:
+            raise
+        raise LmcoreError(f"the model (vocabulary {vocab}, embedding_dim {m.embedding_dim}, hidden_dim "
+                          f"{m.hidden_dim}, {m.num_layers} layer(s)) does not fit in memory ({asked}); "
+                          "lower model.embedding_dim or model.hidden_dim") from None
 
 
 def _attempt(part: Callable[[], Any]) -> BaseException | None:

@@ -253,6 +253,41 @@ CASES: dict[str, Case] = {
     "override-without-a-key": Case(("train", "=3", "run.dir={tmp}/newrun"), ("'=3'", "section.key=value")),
     "run-dir-is-a-file": Case(
         (*NEW_RUN, "run.dir={tmp}/afile"), ("{tmp}/afile", "run.dir"), write("afile", "not a folder\n")),
+    # -- configs, run folders, profiles (hunt) -------------------------------------------------------
+    "config-nested-too-deeply": Case(
+        ("config", "--config", "{tmp}/c.yaml"), ("{tmp}/c.yaml", "too deeply"),
+        write("c.yaml", "a: " + "[" * 5000 + "]" * 5000 + "\n")),
+    "config-a-fifo": Case(
+        ("train", "--config", "{tmp}/c.yaml", "run.dir={tmp}/newrun"), ("{tmp}/c.yaml", "not a regular file"),
+        lambda tmp: os.mkfifo(tmp / "c.yaml")),
+    "seed-beyond-what-numpy-takes": Case(
+        (*NEW_RUN, "run.seed=999999999999999999999999"), ("run.seed", "4294967296")),
+    "seed-negative": Case((*NEW_RUN, "run.seed=-5"), ("run.seed", "[0, 4294967296)"), slow=True),
+    "threads-beyond-reason": Case((*NEW_RUN, "run.threads=100000"), ("run.threads", "1024")),
+    "temperature-below-float32": Case(
+        ("generate", "run.dir={run}", "--prompt", "the movie", "generate.temperature=1e-45"),
+        ("generate.temperature", "use 0 for greedy"), run=True),
+    "run-lock-is-a-symlink": Case(
+        NEW_RUN, ("{tmp}/newrun/.lock", "symbolic link"),
+        chain(write("precious.txt", "keep me\n"), mkdir("newrun"),
+              lambda tmp: (tmp / "newrun" / ".lock").symlink_to(tmp / "precious.txt"))),
+    "run-metrics-is-a-folder": Case(
+        NEW_RUN, ("{tmp}/newrun", "metrics.jsonl"), mkdir("newrun/metrics.jsonl")),
+    "run-config-is-a-folder": Case(
+        NEW_RUN, ("{tmp}/newrun", "config.yaml"), mkdir("newrun/config.yaml"), slow=True),
+    "run-checkpoints-is-a-file": Case(
+        NEW_RUN, ("{tmp}/newrun", "checkpoints"), write("newrun/checkpoints", "x\n")),
+    "profile-time-zero-means-no-limit": Case(
+        SUBMIT, ("time '0'", "no time limit"), write("p.yaml", "time: '0'\n")),
+    "profile-time-beyond-a-year": Case(
+        SUBMIT, ("365 days",), write("p.yaml", "time: '99999999999999999999'\n"), slow=True),
+    "profile-no-time-for-the-warning": Case(
+        SUBMIT, ("signal_delay_s", "[20, 86400]"), write("p.yaml", "signal_delay_s: 0\n")),
+    "profile-tasks-beyond-reason": Case(
+        SUBMIT, ("tasks_per_node", "1024"), write("p.yaml", "tasks_per_node: 99999999999999999999999\n")),
+    "submit-shards-beyond-reason": Case(
+        ("submit", "generate", "--cluster", "local", "--shards", "100000000", "--dry-run"),
+        ("--shards", "100000")),
     # -- data files ---------------------------------------------------------------------------------------
     "data-only-blank-lines": Case(
         data("{tmp}/data/train.jsonl"), ("holds no texts",), write("data/train.jsonl", "\n  \n\t\n")),

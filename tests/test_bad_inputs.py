@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import resource
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, tiny_overrides
+from tests.conftest import REPO, run_cli, tiny_overrides
 
 # A run that only has to get as far as the error: a tiny model, one step, no validation.
 FAST = {"model.embedding_dim": 8, "model.hidden_dim": 8, "train.batch_size": 4, "train.max_steps": 1,
@@ -207,3 +209,22 @@ def test_eval_with_a_damaged_tokenizer(trained, tmp_path, case):
     one_error_line(proc, str(ckpt), "tokenizer.json")
     assert snapshot(run) == before, "eval wrote into a damaged checkpoint"
     assert debris(run) == []
+
+
+@pytest.mark.parametrize("what, sizes, expected", [
+    ("the model", {"model.embedding_dim": 65536, "model.hidden_dim": 65536}, "does not fit in memory"),
+    ("a step", {"model.embedding_dim": 4096, "model.hidden_dim": 16384, "data.truncate": 256,
+                "train.batch_size": 16}, "out of memory at step 1"),
+], ids=["model", "step"])
+def test_a_job_that_runs_out_of_memory_says_what_to_lower(tmp_path: Path, what, sizes, expected):
+    """Under a real 8 GB address-space limit (RLIMIT_AS, as `ulimit -v` sets it): torch's allocator
+    fails, and the job says how much it asked for and which setting to lower, in one line."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "lmcore.cli", "train", "--no-progress",
+           *tiny_overrides(run, **{**FAST, **sizes})]
+    limit = 8 * 2**30
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    line = one_error_line(proc, expected, "GiB for one tensor")
+    assert ("model.hidden_dim" if what == "the model" else "train.batch_size") in line
+    assert not run.exists()  # nothing trained: no run folder left

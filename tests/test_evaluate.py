@@ -48,3 +48,10 @@ def test_masked_and_notebook_figures_equal_torchmetrics_on_the_full_logits(softm
     assert res.masked_ppl == pytest.approx(float(masked.compute()), rel=1e-5)
     assert res.notebook_unmasked_ppl == pytest.approx(float(notebook.compute()), rel=1e-5)
     assert math.isfinite(res.masked_loss) and res.notebook_unmasked_ppl != pytest.approx(res.masked_ppl)
+
+
+def test_a_diverged_models_perplexity_is_infinite_not_an_overflow():
+    from lmcore.evaluate import perplexity
+
+    assert perplexity(1.0) == math.exp(1.0)
+    assert perplexity(800.0) == math.inf  # math.exp(800) raises OverflowError

@@ -189,6 +189,21 @@ def test_dry_run_quotes_every_value_and_nothing_runs(tmp_path: Path):
     assert not list(m.iterdir())
 
 
+def test_env_and_sbatch_values_are_taken_as_written_not_as_yaml_1_1_reads_them(tmp_path: Path):
+    """0755 is not 493, on is not True, 1:30 is not 90: what the profile says is what the job gets;
+    true alone is a bare flag. A memory below 1 MB rounds up to 1 MB, never to --mem=0 (SLURM:
+    all of the node's memory)."""
+    profile = tmp_path / "p.yaml"
+    profile.write_text("env: {UMASKV: 0755, FLAG: on, OFF: no, T: 1:30, N: 4}\n"
+                       "sbatch: {mail-type: 0010, begin: 1:30, overcommit: true}\n"
+                       "mem_gb: 0.0001\n")
+    script = _dry_run(tmp_path, profile, "train")
+    for line in ("export UMASKV=0755", "export FLAG=on", "export OFF=no", "export T=1:30", "export N=4",
+                 "#SBATCH --mail-type=0010", "#SBATCH --begin=1:30", "#SBATCH --overcommit",
+                 "#SBATCH --mem=1MB"):
+        assert re.search(rf"^{re.escape(line)}$", script, re.M), line
+
+
 def test_first_host_of_node_lists():
     assert first_host("gpu[07-09,12],cpu3") == "gpu07"
     assert first_host("node1,node2") == "node1"

@@ -63,6 +63,8 @@ TRAINING = ("run/config.yaml", "run/tokenizer.json", "run/metrics.jsonl", "run/.
 SITES = [
     Site("run lock", "open_lock", "*/new/.lock", "train", ("lmcore/runtime/lock.py:RunLock.acquire",),
          names="new"),
+    Site("a new run's config", "atomic_write", "*/new/config.yaml", "train",  # no run folder left
+         ("lmcore/trainer.py:Trainer.resume_or_start",), names="config.yaml"),
     Site("run config", "atomic_write", "*/run/config.yaml", "resume",
          ("lmcore/trainer.py:Trainer.resume_or_start",), may_change=("run/.lock",)),
     Site("run tokenizer", "atomic_write", "*/run/tokenizer.json", "resume",

@@ -81,6 +81,23 @@ def peer_gone(error: BaseException) -> bool:
         isinstance(error, RuntimeError) and bool(_PEER_GONE.search(str(error))))
 
 
+def out_of_memory(error: BaseException) -> str | None:
+    """What an allocation failure asked for ("3.2 GiB for one tensor"), or None if it is not one:
+    torch's CPU allocator raises a RuntimeError, CUDA a torch.OutOfMemoryError."""
+    if isinstance(error, MemoryError):
+        return "Python ran out of memory"
+    text = str(error)
+    if not isinstance(error, RuntimeError) or not (isinstance(error, torch.OutOfMemoryError)
+                                                   or "can't allocate memory" in text):
+        return None
+    asked = re.search(r"allocate (\d+) bytes", text) or re.search(r"allocate ([\d.]+ [KMGT]iB)", text)
+    if asked is None:
+        return "out of memory"
+    if asked.group(1).isdigit():
+        return f"{int(asked.group(1)) / 2**30:.1f} GiB for one tensor"
+    return f"{asked.group(1)} for one tensor"
+
+
 def lost_contact(rank: int, hosts: list[str] | None, error: BaseException, kept: str) -> LmcoreError:
     """One line for a collective that failed or timed out: what the transport said, where the
     other ranks ran (and which of those nodes SLURM reports down), what is kept, what to do."""

@@ -3,8 +3,9 @@
 An advisory `flock` on FOLDER/.lock, held by the main process for the whole job. The kernel
 drops it when the process dies (even by SIGKILL), so a crashed job never leaves a stale
 lock behind. The file also says who holds it, for the error message. A folder the lock
-itself created is removed again on release if the job left nothing else in it, so a job
-refused after taking the lock leaves no empty run folder behind.
+itself created is removed again on release if the job left nothing else in it, or, with
+release(discard=True), whatever the job left in it (a job that failed before its first
+checkpoint): a job that ends with nothing to show leaves no run folder behind.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         missing = [p for p in (self.folder, *self.folder.parents) if not p.exists()]
+        if self.path.is_symlink():  # opened, it would truncate whatever the link points to
+            raise LmcoreError(f"{self.path} is a symbolic link; lmcore writes its lock only as a plain file: "
+                              f"remove the link (or set {self.hint} to another folder)")
         try:
             fd = fileio.open_lock(self.path)
         except OSError as e:
@@ -62,14 +66,21 @@ class RunLock:
         self._fd = fd
         return self
 
-    def release(self) -> None:
+    def release(self, discard: bool = False) -> None:
+        """Unlock; remove the folder if acquire() created it and the job left nothing in it but
+        the lock (or anything, with discard)."""
         if self._fd is None:
             return
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
-        if self._created and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
-            self.path.unlink(missing_ok=True)
+        if not self._created:
+            return
+        with contextlib.suppress(OSError):
+            if discard:
+                fileio.remove_tree(self.folder)
+            elif [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
+                self.path.unlink()
             for p in self._created:  # innermost first
                 with contextlib.suppress(OSError):
                     p.rmdir()

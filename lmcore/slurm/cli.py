@@ -17,6 +17,8 @@ from lmcore.deps import require
 from lmcore.overrides import OverrideSyntaxError, normalize, unknown_argument
 from lmcore.slurm import JobFailedError
 
+MAX_SHARDS = 100_000  # array tasks of one generation; more is a typo, and planning them takes minutes
+
 EPILOG = """\
 examples:
   lmcore submit train --cluster local --config tiny run.dir=runs/slurm1
@@ -68,8 +70,8 @@ def main(argv: Sequence[str]) -> int:
     for item in extra:
         if item.startswith("-") or "=" not in item:
             parser.error(unknown_argument(item))
-    if args.shards < 0:
-        parser.error("--shards must be >= 0")
+    if not 0 <= args.shards <= MAX_SHARDS:
+        parser.error(f"--shards must be in 0..{MAX_SHARDS}")
     require("submitit")  # before lmcore.slurm.submit imports it: one clear line, not an ImportError
     from lmcore.config import load_config
     from lmcore.slurm.profile import load_profile

@@ -65,11 +65,11 @@ class Resources:
 class ResourceOverrides:
     """Resources of one job kind that differ from the profile's top level (unset: the same)."""
 
-    nodes: int | None = setting(None, "nodes", ge=1)
-    tasks_per_node: int | None = setting(None, "tasks per node", ge=0)
-    gpus_per_node: int | None = setting(None, "GPUs per node", ge=0)
-    cpus_per_task: int | None = setting(None, "CPUs per task", ge=1)
-    mem_gb: float | None = setting(None, "memory per node in GB", ge=0.0)
+    nodes: int | None = setting(None, "nodes", ge=1, le=100_000)
+    tasks_per_node: int | None = setting(None, "tasks per node", ge=0, le=1024)
+    gpus_per_node: int | None = setting(None, "GPUs per node", ge=0, le=64)
+    cpus_per_task: int | None = setting(None, "CPUs per task", ge=1, le=4096)
+    mem_gb: float | None = setting(None, "memory per node in GB", ge=0.0, le=100_000.0)
     time: str | None = setting(None, "time limit")
 
     def given(self) -> dict[str, Any]:
@@ -84,11 +84,13 @@ class Profile:
     partition: str = setting("", "SLURM partition; '' = the cluster's default")
     account: str = setting("", "account to charge")
     qos: str = setting("", "quality of service")
-    nodes: int = setting(1, "nodes per training/eval job", ge=1)
-    tasks_per_node: int = setting(0, "tasks (= DDP ranks) per node; 0 = one per GPU, or 1 on CPU nodes", ge=0)
-    gpus_per_node: int = setting(0, "GPUs per node", ge=0)
-    cpus_per_task: int = setting(1, "CPUs per task, also each rank's torch threads", ge=1)
-    mem_gb: float = setting(0.0, "memory per node in GB; 0 = the cluster's default", ge=0.0)
+    nodes: int = setting(1, "nodes per training/eval job", ge=1, le=100_000)
+    tasks_per_node: int = setting(0, "tasks (= DDP ranks) per node; 0 = one per GPU, or 1 on CPU nodes", ge=0,
+                                 le=1024)
+    gpus_per_node: int = setting(0, "GPUs per node", ge=0, le=64)
+    cpus_per_task: int = setting(1, "CPUs per task, also each rank's torch threads", ge=1, le=4096)
+    mem_gb: float = setting(0.0, "memory per node in GB; 0 = the cluster's default", ge=0.0,
+                           le=100_000.0)
     time: str = setting("01:00:00", "time limit: MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
     constraint: str = setting("", "node features, e.g. a100")
     exclude: str = setting("", "nodes to avoid, e.g. node[013-014]")
@@ -104,12 +106,14 @@ class Profile:
     log_dir: str = setting("slurm_logs", "submitit's folder: logs and pickles, one subfolder per job id")
     job_name: str = setting("lmcore", "jobs are named JOB_NAME-KIND")
     signal: str = setting("USR2", "warning signal before the time limit: the job checkpoints and requeues")
-    signal_delay_s: int = setting(90, "the warning signal comes this long before the time limit", ge=0)
-    max_requeues: int = setting(3, "a job requeues itself at most this often", ge=0)
+    signal_delay_s: int = setting(90, "the warning signal comes this long before the time limit "
+                                                 "(the checkpoint must fit in it)", ge=20, le=86400)
+    max_requeues: int = setting(3, "a job requeues itself at most this often", ge=0, le=1000)
     term_wait_s: int = setting(600, "after a SIGTERM (a cancel, a preemption) and its checkpoint: how long "
                                     "the job waits for SLURM to end it (a preempted job is requeued only if "
-                                    "it still runs when its GraceTime is over)", ge=0)
-    array_parallelism: int = setting(0, "generation shards running at once; 0 = all", ge=0)
+                                    "it still runs when its GraceTime is over)", ge=0, le=86400)
+    array_parallelism: int = setting(0, "generation shards running at once; 0 = all", ge=0,
+                                     le=1_000_000)
     eval: ResourceOverrides = setting(help="resources of eval jobs", factory=ResourceOverrides)
     generate: ResourceOverrides = setting(help="resources of each generation shard (1 node, 1 task)",
                                           factory=ResourceOverrides)
@@ -122,6 +126,9 @@ class Profile:
             base.update(nodes=1, tasks_per_node=1, gpus_per_node=min(1, self.gpus_per_node))
         section = {"eval": self.eval, "generate": self.generate}.get(kind)
         return Resources(**{**base, **(section.given() if section else {})})
+
+
+MAX_TIME_MIN = 365 * 24 * 60
 
 
 def parse_time(text: str) -> int:
@@ -141,7 +148,7 @@ def parse_time(text: str) -> int:
             seconds = (parts[0] * 60 + parts[1]) * 60 + parts[2]
     else:
         raise ValueError(t)
-    return max(1, -(-seconds // 60))
+    return -(-seconds // 60)
 
 
 def _fail(profile: str, message: str) -> typing.NoReturn:
@@ -220,6 +227,11 @@ def _check_times(p: Profile) -> None:
         except ValueError:
             _fail(p.name, f"{where}time {r.time!r} is not a SLURM time limit; use MINUTES, HH:MM:SS, "
                           "D-HH or D-HH:MM:SS (e.g. 04:00:00 or 1-00:00:00)")
+        if minutes == 0:
+            _fail(p.name, f"{where}time {r.time!r} is no time limit to SLURM, and lmcore needs one to send "
+                          "the warning signal before it; give a limit (e.g. 7-00:00:00)")
+        if minutes > MAX_TIME_MIN:
+            _fail(p.name, f"{where}time {r.time!r} is more than 365 days; give a limit SLURM takes")
         if minutes * 60 <= p.signal_delay_s:
             _fail(p.name, f"{where}time {r.time} is not longer than signal_delay_s={p.signal_delay_s}: "
                           "the warning signal would come before the job starts")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import math
 import os
 import re
 import shlex
@@ -136,8 +137,8 @@ def sbatch_params(profile: Profile, kind: str, num_tasks_array: int = 0,
     if res.gpus_per_node:
         params["gpus_per_node"] = res.gpus_per_node  # per node, not per task: see ranks.py
     if res.mem_gb:
-        whole = res.mem_gb == int(res.mem_gb)
-        params["mem"] = f"{int(res.mem_gb)}GB" if whole else f"{int(res.mem_gb * 1024)}MB"
+        whole = res.mem_gb == int(res.mem_gb)  # MB rounded up: never --mem=0 (all the node's memory)
+        params["mem"] = f"{int(res.mem_gb)}GB" if whole else f"{math.ceil(res.mem_gb * 1024)}MB"
     extra: dict[str, Any] = {
         "requeue": True,  # `scontrol requeue` needs it where JobRequeue=0
         "chdir": _checked_path(os.getcwd(), "working directory"),  # relative config paths start here
