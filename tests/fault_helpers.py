@@ -197,7 +197,8 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
 
 
 def tree(folder: Path, exclude: tuple[Path, ...] = ()) -> dict[str, str]:
-    """Every file and folder under folder: sha256 of files, 'dir' for folders."""
+    """Every file and folder under folder: sha256 of files, 'dir' for folders; a dangling symlink, a
+    FIFO or a device is named by its kind (a FIFO is never opened: that would block)."""
     out: dict[str, str] = {}
     if not folder.exists():
         return out
@@ -205,7 +206,12 @@ def tree(folder: Path, exclude: tuple[Path, ...] = ()) -> dict[str, str]:
         if any(p == x or x in p.parents for x in exclude):
             continue
         key = str(p.relative_to(folder))
-        out[key] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        if p.is_dir():
+            out[key] = "dir"
+        elif p.is_file():
+            out[key] = hashlib.sha256(p.read_bytes()).hexdigest()
+        else:
+            out[key] = f"link to {os.readlink(p)}" if p.is_symlink() else f"special {p.stat().st_mode:o}"
     return out
 
 
