@@ -197,7 +197,8 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
 
 
 def tree(folder: Path, exclude: tuple[Path, ...] = ()) -> dict[str, str]:
-    """Every file and folder under folder: sha256 of files, 'dir' for folders, 'special' for the rest."""
+    """Every file and folder under folder: sha256 of files, 'dir' for folders; a dangling symlink, a
+    FIFO or a device is named by its kind (a FIFO is never opened: that would block)."""
     out: dict[str, str] = {}
     if not folder.exists():
         return out
@@ -209,8 +210,8 @@ def tree(folder: Path, exclude: tuple[Path, ...] = ()) -> dict[str, str]:
             out[key] = "dir"
         elif p.is_file():
             out[key] = hashlib.sha256(p.read_bytes()).hexdigest()
-        else:  # a FIFO or socket a test made: reading it would block
-            out[key] = "special"
+        else:
+            out[key] = f"link to {os.readlink(p)}" if p.is_symlink() else f"special {p.stat().st_mode:o}"
     return out
 
 

@@ -16,6 +16,7 @@ Existing tests that this does not repeat: tests/test_bad_inputs.py, tests/test_g
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -165,6 +166,39 @@ def adaptive_run(tmp: Path) -> None:
                            str(tmp / "acache")], env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
 
+
+def symlink(rel: str, target: str) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).symlink_to(target)
+    return setup
+
+
+def fifo(rel: str) -> Callable[[Path], None]:
+    def setup(tmp: Path) -> None:
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(tmp / rel)
+    return setup
+
+
+def corrupt_gzip(lines: int = 200) -> bytes:
+    """A .gz whose deflate data is damaged (byte 20 flipped): not truncated, and no CRC gets checked."""
+    data = bytearray(gzip.compress(b"".join(b'{"text": "review %d is fine"}\n' % i for i in range(lines)),
+                                   mtime=0))
+    data[20] ^= 0xFF
+    return bytes(data)
+
+
+def quote_left_open(tmp: Path) -> None:
+    """A CSV whose third line opens a quote that never closes: one field of 70 MB, over any sane limit."""
+    (tmp / "data").mkdir()
+    with open(tmp / "data" / "train.csv", "w", encoding="utf-8") as f:
+        f.write('text,label\ngood,1\n"it starts,0\n')
+        f.writelines(["more words " * 99 + "\n"] * 68_000)
+
+
+GOOD_ROW = '{"text": "a good film"}\n'
+REVIEW = write("data/train/pos/1_1.txt", "a good film\n")
 
 PROMPTS = write("prompts.jsonl", '{"id": 1, "prompt": "the movie"}\n{"id": 2, "prompt": "a film"}\n')
 
@@ -435,6 +469,45 @@ CASES: dict[str, Case] = {
         RESUME, ("{ckpt}", "trainer_state.json"),
         in_checkpoint("trainer_state.json", trainer_state_without_keys),
         run=True, slow=True),
+    # -- data files (hunt) --------------------------------------------------------------------------------
+    "data-min-count-above-every-word": Case(
+        (*data("{tmp}/data/train.jsonl"), "data.min_count=1000"),
+        ("data.min_count=1000", "'the'", "occurs 6 times", "lower data.min_count"),
+        write("data/train.jsonl", '{"text": "the film, the end"}\n' * 3)),
+    "data-hub-offline": Case(
+        data("hub:imdb"), ("'imdb'", "data.source=PATH", "data.source=sample"), slow=True),
+    "data-jsonl-nested-too-deeply": Case(
+        data("{tmp}/data/train.jsonl"), ("{tmp}/data/train.jsonl:2:", "nested too deeply"),
+        write("data/train.jsonl", GOOD_ROW + '{"text": "a", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n")),
+    "data-jsonl-huge-integer": Case(
+        data("{tmp}/data/train.jsonl"), ("{tmp}/data/train.jsonl:2:", "too many digits"),
+        write("data/train.jsonl", GOOD_ROW + '{"text": "a", "x": ' + "7" * 5000 + "}\n")),
+    "data-jsonl-lone-surrogate": Case(
+        data("{tmp}/data/train.jsonl"), ("{tmp}/data/train.jsonl:3:", "surrogate", "\\ud800"),
+        write("data/train.jsonl", GOOD_ROW + '{"text": "\\ud83d\\ude00 ok"}\n{"text": "bad\\ud800word"}\n')),
+    "data-csv-quote-left-open": Case(  # a long review is read (test_sources.py); 64 Mi characters are not
+        data("{tmp}/data/train.csv"), ("{tmp}/data/train.csv:", "not valid CSV", "quote left open"),
+        quote_left_open, slow=True),
+    "data-gzip-corrupt-deflate": Case(
+        data("{tmp}/data/train.jsonl.gz"), ("{tmp}/data/train.jsonl.gz", "cannot read", "not intact gzip"),
+        write("data/train.jsonl.gz", corrupt_gzip())),
+    "data-aclimdb-dangling-symlink": Case(
+        data("{tmp}/data"), ("{tmp}/data/train/pos/2_1.txt", "dangling symlink"),
+        chain(REVIEW, symlink("data/train/pos/2_1.txt", "gone.txt"))),
+    "data-aclimdb-folder-as-review": Case(
+        data("{tmp}/data"), ("{tmp}/data/train/pos/3_1.txt", "is a folder"),
+        chain(REVIEW, mkdir("data/train/pos/3_1.txt")), slow=True),
+    "data-aclimdb-fifo-as-review": Case(
+        data("{tmp}/data"), ("{tmp}/data/train/neg/4_1.txt", "FIFO"),
+        chain(REVIEW, fifo("data/train/neg/4_1.txt")), slow=True),
+    "data-source-a-fifo": Case(
+        data("{tmp}/f.jsonl"), ("{tmp}/f.jsonl", "is a FIFO", "not a regular file"), fifo("f.jsonl")),
+    "data-split-file-a-fifo": Case(
+        data("{tmp}/data"), ("{tmp}/data/train.jsonl", "FIFO"), fifo("data/train.jsonl"), slow=True),
+    "data-pattern-file-a-fifo": Case(
+        data("{tmp}/data/{split}.jsonl"), ("{tmp}/data/train.jsonl", "FIFO"), fifo("data/train.jsonl"),
+        slow=True),
+    "data-source-dev-zero": Case(data("/dev/zero"), ("/dev/zero", "a device", "not a regular file")),
 }
 
 

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
+import os
+import socket
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -22,8 +27,9 @@ from lmcore.config import DataConfig
 from lmcore.data.cache import fit_tokenizer, load_split
 from lmcore.data.sources import read_texts, source_identity
 from lmcore.data.tokenizer import SPECIALS, WordTokenizer
-from lmcore.errors import DataError
+from lmcore.errors import DataError, LmcoreError
 from tests.conftest import IMDB
+from tests.test_bad_inputs import one_error_line
 
 REVIEWS = [
     "A quiet film, and a good one.",
@@ -288,3 +294,106 @@ def test_imdb_vocabulary_is_the_notebooks(tmp_path):
     assert tok.itos[:4] == list(SPECIALS)
     (entry,) = (tmp_path / "token-cache" / "tokenizers").iterdir()
     assert WordTokenizer.load(entry / "tokenizer.json").fingerprint == tok.fingerprint
+
+
+# -- bad input that the catalogue (tests/test_bad_input_catalogue.py) cannot express --------------
+def test_a_review_longer_than_the_csv_modules_field_limit_is_read_and_the_limit_put_back(tmp_path):
+    import csv
+
+    long_review = "a long review " * 20_000  # 280 KB: over csv's default 128 Ki characters
+    (tmp_path / "train.csv").write_text(f'text,label\n"{long_review}",1\nshort one,0\n', encoding="utf-8")
+    before = csv.field_size_limit()
+    assert read_texts(str(tmp_path), "train") == [long_review, "short one"]
+    assert csv.field_size_limit() == before
+
+
+def test_a_csv_with_old_mac_line_endings_is_read(tmp_path):
+    (tmp_path / "train.csv").write_bytes(b'text,label\r"two\rlines",1\rplain,0\r')
+    assert read_texts(str(tmp_path), "train") == ["two\rlines", "plain"]
+
+
+def test_a_csv_field_over_the_limit_names_the_file_and_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(lmcore.data.sources, "CSV_FIELD_LIMIT", 1000)
+    (tmp_path / "train.csv").write_text('text\nfine\nalso fine\n"open quote\n' + "more words\n" * 200)
+    with pytest.raises(DataError, match=r"train\.csv:\d+: not valid CSV .*quote left open"):
+        read_texts(str(tmp_path), "train")
+
+
+def test_a_min_count_above_every_word_names_the_most_frequent_word_and_its_count():
+    with pytest.raises(DataError, match=r"min_count=50 .* 'film', occurs 3 times\); lower data.min_count to "
+                                        r"at most 3"):
+        WordTokenizer.fit(["film film", "a film"], min_count=50)
+    with pytest.raises(DataError, match="no words"):
+        WordTokenizer.fit(["  ", "\n"], min_count=1)
+    assert WordTokenizer.fit(["film film", "a film"], min_count=3).itos == [*SPECIALS, "film"]
+
+
+def test_no_data_path_opens_a_fifo_or_reads_a_device(tmp_path):
+    """Each is refused from its stat: open() on a FIFO blocks forever, /dev/zero never ends."""
+    os.mkfifo(tmp_path / "train.jsonl")
+    for source in (tmp_path / "train.jsonl", tmp_path, tmp_path / "{split}.jsonl"):
+        with pytest.raises(LmcoreError, match=r"train\.jsonl is a FIFO \(named pipe\), not a regular file"):
+            read_texts(str(source), "train")
+    with pytest.raises(LmcoreError, match="/dev/zero is a device"):
+        read_texts("/dev/zero", "train")
+    tree = tmp_path / "acl"
+    (tree / "train" / "pos").mkdir(parents=True)
+    (tree / "train" / "pos" / "1_1.txt").write_text("fine")
+    (tree / "train" / "pos" / "2_1.txt").symlink_to("/dev/zero")
+    with pytest.raises(DataError, match=r"2_1\.txt is a device or socket"):
+        read_texts(str(tree), "train")  # read_texts alone, without the cache asking the identity first
+    (tree / "train" / "pos" / "2_1.txt").unlink()
+    os.mkfifo(tree / "train" / "pos" / "2_1.txt")
+    with pytest.raises(DataError, match=r"2_1\.txt is a FIFO"):
+        read_texts(str(tree), "train")
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_hub_probe_says_why_the_hub_is_unreachable(monkeypatch):
+    from lmcore.data.sources import _hub_unreachable
+
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    assert "127.0.0.1: Connection refused" in _hub_unreachable()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert _hub_unreachable() is None  # it answers: the hub client does the rest
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert _hub_unreachable() is None  # behind a proxy the host is not reached directly
+
+
+def test_the_hub_loggers_and_offline_flags_are_put_back_after_a_load():
+    import datasets.config
+    import huggingface_hub.constants
+
+    from lmcore.data.sources import _quiet_hub
+
+    hub = logging.getLogger("huggingface_hub")
+    level, flag = hub.level, huggingface_hub.constants.HF_HUB_OFFLINE
+    with _quiet_hub(offline_mode=True):
+        assert hub.level == logging.ERROR
+        assert datasets.config.HF_HUB_OFFLINE is True and huggingface_hub.constants.HF_HUB_OFFLINE is True
+    assert hub.level == level and huggingface_hub.constants.HF_HUB_OFFLINE is flag
+
+
+def test_the_hub_without_a_network_is_one_line_without_retry_warnings(tmp_path):
+    """Offline mode not asked for and the hub unreachable: no half minute of retries, warning each."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") and "proxy" not in k.lower()}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}", LMCORE_CACHE=str(tmp_path / "cache"),
+               HF_HOME=str(tmp_path / "hf"), WANDB_MODE="disabled")
+    proc = subprocess.run([sys.executable, "-m", "lmcore.cli", "train", "--no-progress",
+                           f"run.dir={tmp_path / 'run'}", "data.source=hub:imdb", "data.val_split="],
+                          env=env, capture_output=True, text=True, timeout=120)
+    line = one_error_line(proc, "cannot reach the hub", "Connection refused", "'imdb'",
+                          "not in the local datasets cache", "data.source=PATH")
+    assert "Retrying" not in line and not (tmp_path / "run").exists()

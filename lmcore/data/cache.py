@@ -119,7 +119,7 @@ def fit_and_cache(cfg: DataConfig, train: Split, texts: list[str]) -> WordTokeni
 
 def cached_split(cfg: DataConfig, split: Split, tok: WordTokenizer) -> TokenizedSplit | None:
     entry = _split_entry(cfg, split, tok)
-    if not (entry / "offsets.npy").is_file():
+    if not all((entry / name).is_file() for name in ("tokens.npy", "offsets.npy")):  # never open a FIFO
         return None
     try:
         return TokenizedSplit(np.load(entry / "tokens.npy", mmap_mode="r", allow_pickle=False),

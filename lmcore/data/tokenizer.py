@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmcore.errors import LmcoreError
+from lmcore.errors import DataError, LmcoreError
 
 UNK, PAD, BOS, EOS = "<unk>", "<pad>", "<bos>", "<eos>"
 SPECIALS = (UNK, PAD, BOS, EOS)
@@ -48,6 +48,16 @@ class WordTokenizer:
             counter.pop(s, None)
         # sorted() is stable and Counter keeps first-seen order, so ties stay in that order.
         kept = sorted(((w, c) for w, c in counter.items() if c >= min_count), key=lambda x: -x[1])
+        if not kept:  # a model over <unk> and three specials alone learns nothing
+            if not counter:
+                raise DataError("the training texts hold no words (every one is empty or blank); check "
+                                "data.source and data.text_field")
+            word, count = counter.most_common(1)[0]
+            raise DataError(
+                f"no word occurs data.min_count={min_count} times in the training texts, so the "
+                f"vocabulary would be empty (the most frequent, {word[:40]!r}, occurs {count} "
+                f"time{'s' if count != 1 else ''}); lower data.min_count to at most {count}"
+            )
         return cls([w for w, _ in kept], [c for _, c in kept], min_count)
 
     def __len__(self) -> int:
