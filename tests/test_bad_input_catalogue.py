@@ -480,7 +480,7 @@ CASES: dict[str, Case] = {
         data("{tmp}/data/train.jsonl"), ("{tmp}/data/train.jsonl:2:", "nested too deeply"),
         write("data/train.jsonl", GOOD_ROW + '{"text": "a", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n")),
     "data-jsonl-huge-integer": Case(
-        data("{tmp}/data/train.jsonl"), ("{tmp}/data/train.jsonl:2:", "too many digits"),
+        data("{tmp}/data/train.jsonl"), ("{tmp}/data/train.jsonl:2:", "more than 4300 digits"),
         write("data/train.jsonl", GOOD_ROW + '{"text": "a", "x": ' + "7" * 5000 + "}\n")),
     "data-jsonl-lone-surrogate": Case(
         data("{tmp}/data/train.jsonl"), ("{tmp}/data/train.jsonl:3:", "surrogate", "\\ud800"),
