@@ -383,6 +383,7 @@ class Trainer:
                 f"the weights are non-finite at step {s.step} ({', '.join(broken[:3])}"
                 f"{', ...' if len(broken) > 3 else ''}), so they were not saved; {self._kept()}: lower "
                 "optim.lr or set optim.grad_clip, then resume")
+        t0 = time.perf_counter()
         writer = CheckpointWriter(self.run, s.step)
         arch, fingerprint, keep = (self.raw_model.architecture(), self.corpus.tokenizer.fingerprint,
                                    self.cfg.train.keep_checkpoints)
@@ -400,9 +401,10 @@ class Trainer:
                 raise CheckpointError(write_failed(f"checkpoint {writer.final}", error, kept,
                                                    "run the same command again to resume",
                                                    self.run.checkpoints)) from None
-        if self.main:
-            self.metrics.log(s.step, {"event": "checkpoint", "path": str(writer.final)})
-            self.bar.write(f"checkpoint {writer.final}")
+        if self.main:  # its time, against the warning signal's lead and SLURM's GraceTime
+            seconds = round(time.perf_counter() - t0, 3)
+            self.metrics.log(s.step, {"event": "checkpoint", "path": str(writer.final), "seconds": seconds})
+            self.bar.write(f"checkpoint {writer.final} ({seconds:.2f} s)")
         return writer.final if self.main else None
 
     def _write_files(self, writer: CheckpointWriter) -> None:
