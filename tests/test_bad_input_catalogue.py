@@ -200,6 +200,41 @@ def quote_left_open(tmp: Path) -> None:
 GOOD_ROW = '{"text": "a good film"}\n'
 REVIEW = write("data/train/pos/1_1.txt", "a good film\n")
 
+def gzip_flipped(rel: str, where: Callable[[int], int]) -> Callable[[Path], None]:
+    """A .jsonl.gz of valid prompts with one byte flipped at where(len): damaged deflate data."""
+    def setup(tmp: Path) -> None:
+        lines = b"".join(b'{"id": %d, "prompt": "the movie was good %d"}\n' % (i, i) for i in range(2000))
+        data = bytearray(gzip.compress(lines, mtime=0))
+        data[where(len(data))] ^= 0xFF
+        write(rel, bytes(data))(tmp)
+    return setup
+
+
+def fifo_beside(name: str) -> Callable[[Path], None]:
+    """A FIFO beside the case folder (reading the case folder's tree would block on it)."""
+    def setup(tmp: Path) -> None:
+        path = tmp.parent / name
+        if not path.exists():
+            os.mkfifo(path)
+    return setup
+
+
+def generation_folder(chunk: str) -> Callable[[Path], None]:
+    """A finished one-chunk generation folder (one prompt, one sample) whose chunk file holds chunk."""
+    def setup(tmp: Path) -> None:
+        params = {"format": "lmcore-generations", "version": 1, "checkpoint": {}, "chunk_size": 4,
+                  "precision": "fp32", "sampling": {"samples_per_prompt": 1},
+                  "prompts": {"chunks": 1, "records": 1}}
+        write("gen/params.json", json.dumps(params))(tmp)
+        write("gen/chunks/chunk-00000000.jsonl", chunk)(tmp)
+    return setup
+
+
+GEN_ROW = {"id": 1, "index": 0, "sample": 0, "prompt": "a", "completion": "b", "num_tokens": 1,
+            "finish_reason": "length", "prompt_tokens": 1, "prompt_unknown": 0, "params": {}}
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
 PROMPTS = write("prompts.jsonl", '{"id": 1, "prompt": "the movie"}\n{"id": 2, "prompt": "a film"}\n')
 
 # -- argument templates --------------------------------------------------------------------------------
@@ -380,7 +415,8 @@ CASES: dict[str, Case] = {
         BULK, ("{tmp}/gen", "params.json"), chain(PROMPTS, write("gen/chunks/chunk-00000000.jsonl", "{}\n")),
         run=True, slow=True),
     "output-dir-is-a-file": Case(
-        BULK, ("{tmp}/gen", "generate.output_dir"), chain(PROMPTS, write("gen", "a file\n")),
+        BULK, ("generate.output_dir {tmp}/gen", "is a file, not a folder"),
+        chain(PROMPTS, write("gen", "a file\n")),
         run=True, slow=True),
     # -- cluster profiles -------------------------------------------------------------------------------
     "profile-a-list": Case(SUBMIT, ("p.yaml", "mapping"), write("p.yaml", "- partition: debug\n")),
@@ -508,6 +544,71 @@ CASES: dict[str, Case] = {
         data("{tmp}/data/{split}.jsonl"), ("{tmp}/data/train.jsonl", "FIFO"), fifo("data/train.jsonl"),
         slow=True),
     "data-source-dev-zero": Case(data("/dev/zero"), ("/dev/zero", "a device", "not a regular file")),
+    # -- generation, merge, report (hunt) --------------------------------------------------------------
+    "prompts-id-of-5000-digits": Case(
+        BULK, ("prompts.jsonl:1:", "too many digits"),
+        write("prompts.jsonl", '{"id": ' + "7" * 5000 + ', "prompt": "a"}\n'), run=True),
+    "prompts-nested-100000-deep": Case(
+        BULK, ("prompts.jsonl:1:", "nested too deeply"), write("prompts.jsonl", DEEP + "\n"), run=True),
+    "prompts-nested-100000-deep-skipped": Case(
+        (*BULK, "generate.bad_lines=skip"), ("prompts.jsonl", "holds no prompts", "1 bad lines"),
+        write("prompts.jsonl", DEEP + "\n"), run=True, slow=True),
+    "prompts-lone-surrogate-in-a-prompt": Case(
+        BULK, ("prompts.jsonl:2:", "surrogate", "\\ud800"),
+        write("prompts.jsonl", '{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": "the movie \\ud800 was"}\n'),
+        run=True),
+    "prompts-lone-surrogate-in-an-id": Case(
+        BULK, ("prompts.jsonl:1:", "surrogate"), write("prompts.jsonl", '{"id": "\\udfff", "prompt": "a"}\n'),
+        run=True, slow=True),
+    "prompts-gzip-byte-flipped-in-the-header": Case(
+        (*BULK[:-2], "generate.prompts={tmp}/p.jsonl.gz"), ("p.jsonl.gz", "cannot read", "gzip"),
+        gzip_flipped("p.jsonl.gz", lambda n: 20), run=True),
+    "prompts-gzip-byte-flipped-a-third-in": Case(
+        (*BULK[:-2], "generate.prompts={tmp}/p.jsonl.gz"), ("p.jsonl.gz", "cannot read", "gzip"),
+        gzip_flipped("p.jsonl.gz", lambda n: n // 3), run=True),
+    "prompts-a-fifo": Case(
+        (*BULK[:-2], "generate.prompts={tmp}/../f.jsonl"), ("f.jsonl", "FIFO", "not a regular file"),
+        fifo_beside("f.jsonl"), run=True),
+    "prompts-dev-zero": Case(
+        (*BULK[:-2], "generate.prompts=/dev/zero"), ("/dev/zero", "device", "not a regular file"), run=True),
+    "prompts-too-many-words": Case(
+        BULK, ("prompts.jsonl:2:", "10001 words", "generate.max_prompt_words"),
+        write("prompts.jsonl", '{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": "' + "the " * 10001 + '"}\n'),
+        run=True),
+    "prompts-text-line-too-many-words": Case(
+        (*BULK[:-2], "generate.prompts={tmp}/p.txt", "generate.max_prompt_words=5"),
+        ("p.txt:1:", "6 words", "generate.max_prompt_words"), write("p.txt", "a b c d e f\n"), run=True,
+        slow=True),
+    "output-params-a-json-list": Case(
+        BULK, ("{tmp}/gen/params.json", "damaged", "JSON list"),
+        chain(PROMPTS, write("gen/params.json", "[1]\n")),
+        run=True),
+    "output-params-a-folder": Case(
+        BULK, ("{tmp}/gen/params.json", "not a regular file"), chain(PROMPTS, mkdir("gen/params.json")),
+        run=True, slow=True),
+    "output-dir-under-a-file": Case(
+        (*BULK[:3], "generate.output_dir={tmp}/afile/gen", *BULK[4:]),
+        ("{tmp}/afile", "is a file, not a folder"),
+        chain(PROMPTS, write("afile", "a file\n")), run=True),
+    "output-chunks-a-file": Case(
+        BULK, ("{tmp}/gen/chunks", "is a file, not a folder"), chain(PROMPTS, write("gen/chunks", "x\n")),
+        run=True),
+    "merge-row-index-not-an-integer": Case(
+        ("generate", "--merge", "generate.output_dir={tmp}/gen"),
+        ("chunk-00000000.jsonl:1:", "not a generation row", "'index'"),
+        generation_folder(json.dumps({**GEN_ROW, "index": "x"}) + "\n")),
+    "merge-row-nested-100000-deep": Case(
+        ("generate", "--merge", "generate.output_dir={tmp}/gen"),
+        ("chunk-00000000.jsonl:1:", "not a generation row", "nested too deeply"),
+        generation_folder(DEEP + "\n")),
+    "merge-chunk-a-folder": Case(
+        ("generate", "--merge", "generate.output_dir={tmp}/gen"), ("chunk-00000000.jsonl", "cannot read"),
+        chain(generation_folder(""), lambda tmp: (tmp / "gen/chunks/chunk-00000000.jsonl").unlink(),
+              mkdir("gen/chunks/chunk-00000000.jsonl")), slow=True),
+    "merge-params-without-counts": Case(
+        ("generate", "--merge", "generate.output_dir={tmp}/gen"),
+        ("{tmp}/gen/params.json", "damaged", "chunk_size"),
+        write("gen/params.json", '{"prompts": {}}\n'), slow=True),
 }
 
 

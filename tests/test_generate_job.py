@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -375,7 +376,7 @@ def test_bad_prompt_files_fail_before_any_work(run_dir, tmp_path, capsys, case):
 
 
 BAD_CONFIG = {
-    "negative-temperature": (["generate.temperature=-0.5"], ["generate.temperature", ">= 0"]),
+    "negative-temperature": (["generate.temperature=-0.5"], ["generate.temperature", "[0, 1000]"]),
     "top-p-above-1": (["generate.top_p=1.5"], ["generate.top_p", "(0, 1]"]),
     "top-p-zero": (["generate.top_p=0"], ["generate.top_p"]),
     "negative-top-k": (["generate.top_k=-1"], ["generate.top_k"]),
@@ -384,7 +385,7 @@ BAD_CONFIG = {
                                                                          "does not exist"]),
     "shard-out-of-range": (["generate.num_shards=2", "generate.shard_index=2"], ["generate.shard_index"]),
     "no-checkpoint": (["run.dir=/nonexistent/run"], ["/nonexistent/run"]),
-    "zero-chunk-size": (["generate.chunk_size=0"], ["generate.chunk_size", "> 0"]),
+    "zero-chunk-size": (["generate.chunk_size=0"], ["generate.chunk_size", "(0, 10000000]"]),
 }
 
 
@@ -420,6 +421,50 @@ def test_bad_lines_skip_puts_them_in_rejects_and_the_manifest(run_dir, tmp_path)
         generate_shard(gen_cfg(run_dir, tmp_path / "out", prompts=other, bad_lines="skip", chunk_size=3),
                        progress=False)
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir() if p.is_file()} == before
+
+
+def test_bad_lines_skip_sets_aside_unusable_json_and_over_long_prompts(run_dir, tmp_path):
+    """JSON that parses only into trouble (an id of 5000 digits, nesting 100000 deep, a lone
+    surrogate escape) and a prompt of more than generate.max_prompt_words words are bad lines like
+    any other: set aside in rejects.jsonl, the rest generated."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": 1, "prompt": "the film"}\n'
+                    '{"id": ' + "9" * 5000 + ', "prompt": "a"}\n'
+                    + "[" * 100_000 + "]" * 100_000 + "\n"
+                    '{"id": 4, "prompt": "the movie \\ud800 was"}\n'
+                    '{"id": "\\udfff", "prompt": "a"}\n'
+                    '{"id": 6, "prompt": "' + "the " * 21 + '"}\n'
+                    '{"id": 7, "prompt": "' + "the " * 20 + '"}\n')
+    cfg = gen_cfg(run_dir, tmp_path / "out", prompts=path, bad_lines="skip", max_prompt_words=20,
+                  max_new_tokens=2)
+    res = generate_shard(cfg, progress=False)
+    assert (res["prompts"], res["rejected_lines"]) == (2, 5)
+    merge_outputs(cfg)
+    assert [r["id"] for r in read_rows(tmp_path / "out")] == [1, 7]
+    rejects = {r["line"]: r["error"] for r in
+               map(json.loads, (tmp_path / "out" / REJECTS_FILE).read_text(encoding="utf-8").splitlines())}
+    assert sorted(rejects) == [2, 3, 4, 5, 6]
+    assert "too many digits" in rejects[2] and "nested too deeply" in rejects[3]
+    assert "surrogate" in rejects[4] and "surrogate" in rejects[5]
+    assert "21 words" in rejects[6] and "generate.max_prompt_words=20" in rejects[6]
+
+
+def test_a_damaged_gzip_is_a_read_error_not_a_bad_line(run_dir, tmp_path, capsys):
+    """Damaged deflate data decodes to garbage before its checksum fails: the file is named as
+    unreadable, not its first garbled line."""
+    import gzip
+
+    lines = b"".join(b'{"id": %d, "prompt": "the movie was good %d"}\n' % (i, i) for i in range(2000))
+    data = bytearray(gzip.compress(lines, mtime=0))
+    data[len(data) // 3] ^= 0xFF
+    path = tmp_path / "p.jsonl.gz"
+    path.write_bytes(bytes(data))
+    for mode in ("error", "skip"):
+        argv = [f"run.dir={run_dir}", f"generate.prompts={path}", f"generate.output_dir={tmp_path / 'out'}",
+                f"generate.bad_lines={mode}"]
+        line = one_error_line(capsys, argv, f"cannot read prompts file {path}", "gzip")
+        assert not re.search(r"\.gz:\d", line)  # no line number: the file, not a line, is at fault
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_folder_made_with_other_settings_or_another_checkpoint_is_refused(run_dir, tmp_path, capsys):

@@ -111,3 +111,30 @@ def test_report_from_the_command_line(tmp_path: Path):
     probe = subprocess.run([sys.executable, "-c", "import sys, lmcore.track.report, lmcore.cli; "
                             "print('matplotlib' in sys.modules)"], capture_output=True, text=True, cwd=REPO)
     assert probe.stdout.strip() == "False", probe.stderr
+
+
+def test_report_leaves_out_absurd_values_and_damaged_lines(tmp_path: Path):
+    """Figures no trainer writes (a negative step, times of +-1e308, a perplexity of 0 on a log
+    axis, a 400-digit step or value, a bool step) and damaged lines (nested 100000 deep, not
+    UTF-8, a lone surrogate) are left out: the report is written, all its files together."""
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [json.dumps(r) for r in (
+        {"step": -5, "train/loss": 1, "time": -1e308},
+        {"step": 1, "train/loss": 0, "train/ppl": 0, "time": 1e308},
+        {"step": 2, "train/loss": 3.0, "train/ppl": 20.0, "time": 1_700_000_000.0, "train_seconds": 1e308},
+        {"step": 10 ** 400, "train/loss": 1.0}, {"step": True, "train/loss": 1.0},
+        {"step": 3, "train/loss": 10 ** 400, "tokens_seen": -1e308, "time": 1_700_000_060.0},
+    )]
+    lines += ['{"step": 4, "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+              '{"step": 5, "train/loss": "\\ud800"}']
+    (run / "metrics.jsonl").write_bytes("\n".join(lines).encode() + b'\n{"step": 6, "k": "\xff"}\n')
+    report = Path(write_report(run))
+    assert sorted(p.name for p in report.parent.iterdir()) == ["loss.png", "perplexity.png", "report.md"]
+    text = report.read_text()
+    assert "| last logged step | 3 |" in text and "| final train loss | 3.000 (step 2) |" in text
+    assert "| final train perplexity | 20.00 (step 2) |" in text
+    assert "| wall time, first to last logged row | 1m 00s |" in text
+    assert "training time" not in text and "tokens seen" not in text
+    proc = run_cli("report", str(run))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr

@@ -457,3 +457,16 @@ def test_train_requeue_offline_end_to_end(wandb_env: Path, tmp_path: Path, monke
     for step in (5, 10):  # each job: a train row, a checkpoint and a validation at its last step
         assert {"train/loss", "train/ppl", "lr", "grad_norm", "tokens_per_s", "val/ppl",
                 "checkpoint/path"} <= merged[step].keys()
+
+
+def test_resume_drops_damaged_metrics_lines_and_keeps_the_rows(tmp_path: Path):
+    """A resumed run keeps its rows up to the step it resumes from; damaged lines (nested 100000
+    deep, not UTF-8, a step that is infinite, a string or 400 digits long) are dropped, never a crash."""
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"step": s, "time": 1.0, "train/loss": 2.0}).encode() for s in (1, 2, 3)]
+    path.write_bytes(b"\n".join([good[0], b'{"step": 2, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                                 b'{"step": 2, "k": "\xff"}', b'{"step": 1e999}', b'{"step": "1"}',
+                                 b'{"step": ' + b"9" * 400 + b"}", good[1], good[2]]) + b"\n")
+    MetricsLog(path, resume_step=2)
+    assert path.read_bytes() == good[0] + b"\n" + good[1] + b"\n"
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]

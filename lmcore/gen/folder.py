@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,9 +26,10 @@ from typing import Any
 import torch
 
 from lmcore import fileio
-from lmcore.errors import ConfigError, LmcoreError, write_failed
+from lmcore.errors import ConfigError, LmcoreError, first_line, write_failed
 from lmcore.gen.decoder import auto_precision
 from lmcore.gen.prompts import PromptSource, ScanResult
+from lmcore.reading import json_value
 from lmcore.slurm.env import array_task
 
 FORMAT = "lmcore-generations"
@@ -76,6 +78,31 @@ def done_chunks(out: Path) -> set[int]:
     return found
 
 
+def check_output_dir(out: Path) -> None:
+    """The output folder, and what the job writes in it, can be what they must be: refused with
+    one line before anything is claimed (a file where the folder or its chunks folder goes, a
+    folder where params.json goes), rather than failing half-way."""
+    hint = "remove it, or set generate.output_dir to another folder"
+    for p in (out, *out.parents):  # the folder, or the nearest ancestor that exists
+        if p.exists():
+            if not p.is_dir():
+                where = f"generate.output_dir {out}" if p == out else f"{p} (a parent of generate.output_dir)"
+                raise GenerationError(f"{where} is a file, not a folder: {hint}")
+            break
+    for name, folder in ((PARAMS_FILE, False), (REJECTS_FILE, False), (MANIFEST_FILE, False),
+                         (MERGED_FILE, False), (CHUNKS_DIR, True), (".locks", True)):
+        try:
+            mode = os.stat(out / name).st_mode
+        except OSError:
+            continue  # absent (or unreachable: the write that needs it says so)
+        if folder and not stat.S_ISDIR(mode):
+            raise GenerationError(f"{out / name} is a file, not a folder (the job writes its {name} there): "
+                                  f"{hint}")
+        if not folder and not stat.S_ISREG(mode):
+            raise GenerationError(f"{out / name} is not a regular file (the job writes its {name} there): "
+                                  f"{hint}")
+
+
 # -- the folder's parameters -----------------------------------------------------------------
 def sampling_dict(g) -> dict[str, Any]:
     return {"temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p,
@@ -114,18 +141,40 @@ def params_diff(theirs: dict, ours: dict) -> list[str]:
 
 
 def read_params(out: Path, wait_s: float = 5.0) -> dict | None:
+    """OUT/params.json, None if absent; damaged (not a JSON object, not a file) is an error. A
+    file that does not parse is retried for wait_s: it may be being written by a process on a
+    file system without hard links."""
     path = out / PARAMS_FILE
     deadline = time.monotonic() + wait_s
+
+    def damaged(why: object) -> GenerationError:
+        return GenerationError(f"{path} is unreadable or damaged ({why}); delete it only if the folder is "
+                               "empty of chunks, or use a new generate.output_dir")
+
     while True:
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            return None
+        except NotADirectoryError:
+            raise GenerationError(f"generate.output_dir {out} is a file, not a folder: remove it, or set "
+                                  "generate.output_dir to another folder") from None
+        except OSError as e:
+            raise damaged(first_line(e)) from None
+        if not stat.S_ISREG(mode):
+            raise damaged("not a regular file")
+        try:
+            value = json_value(path.read_bytes())
         except FileNotFoundError:
             return None
         except (ValueError, OSError) as e:  # being written by a process without hard links
             if time.monotonic() > deadline:
-                raise GenerationError(f"{path} is unreadable ({e}); delete it only if the folder is "
-                                      "empty of chunks, or use a new generate.output_dir") from None
+                raise damaged(first_line(e)) from None
             time.sleep(0.2)
+            continue
+        if not isinstance(value, dict):
+            raise damaged(f"a JSON {type(value).__name__}, not an object")
+        return value
 
 
 def claim_params(out: Path, params: dict) -> None:
@@ -151,7 +200,8 @@ def claim_params(out: Path, params: dict) -> None:
     diff = params_diff(existing or {}, params)
     if diff:
         hint = ""
-        theirs = (existing or {}).get("checkpoint", {})
+        theirs = (existing or {}).get("checkpoint")
+        theirs = theirs if isinstance(theirs, dict) else {}
         if theirs.get("model_sha256") != params["checkpoint"]["model_sha256"]:
             hint = f" (the folder was made from checkpoint {theirs.get('path')}: pin generate.checkpoint)"
         raise GenerationError(

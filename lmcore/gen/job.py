@@ -37,6 +37,7 @@ from lmcore.gen.decoder import Completion, Decoder
 from lmcore.gen.folder import (
     REJECTS_FILE,
     GenerationError,
+    check_output_dir,
     chunk_path,
     claim_params,
     done_chunks,
@@ -97,6 +98,9 @@ class ShardJob:
             raise ConfigError("nothing to generate: set generate.prompts (a file) or "
                               "generate.num_samples > 0")
         self.out = Path(g.output_dir)
+        check_output_dir(self.out)
+        self.source = PromptSource(g.prompts or None, g.num_samples, g.max_prompt_words)
+        self.source.check()  # before a checkpoint is loaded: a missing or special file fails at once
         self.shard, self.nshards = resolve_shard(g.num_shards, g.shard_index)
         self.ckpt = resolve(g.checkpoint or self.cfg.run.dir)  # verified once, here
         self.acc = make_accelerator(self.cfg)
@@ -105,7 +109,6 @@ class ShardJob:
         self.model, self.tok = self.ckpt.build_model(self.acc.device)
         self.precision = resolve_precision(g.precision, self.out, self.acc.device)
         Decoder.check(self.model, self.precision)
-        self.source = PromptSource(g.prompts or None, g.num_samples)
         self.rejects: IO[bytes] | None = None
         self.scan = self._scan()
         self.params = job_params(self.cfg, self.ckpt.info(), self.source, self.scan, self.precision)

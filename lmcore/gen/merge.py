@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 from lmcore import fileio
 from lmcore.config import Config
-from lmcore.errors import ConfigError, write_failed
+from lmcore.errors import ConfigError, LmcoreError, first_line, write_failed
 from lmcore.gen.folder import (
     CHUNKS_DIR,
     FORMAT,
@@ -30,12 +30,17 @@ from lmcore.gen.folder import (
     REJECTS_FILE,
     VERSION,
     GenerationError,
+    check_output_dir,
     chunk_path,
     done_chunks,
     read_params,
 )
+from lmcore.reading import json_value, regular_file
 
 REDO = "delete the chunk file and rerun the generate job (it redoes only that chunk)"
+# The fields of a row that the merge checks and counts, with the type each must have.
+ROW_FIELDS = {"index": int, "sample": int, "num_tokens": int, "finish_reason": str, "prompt_tokens": int,
+              "prompt_unknown": int}
 
 
 @dataclass
@@ -67,9 +72,11 @@ def merge_outputs(cfg: Config) -> dict[str, Any]:
     if not cfg.generate.output_dir:
         raise ConfigError("set generate.output_dir to the folder to merge")
     out = Path(cfg.generate.output_dir)
+    check_output_dir(out)
     params = read_params(out)
     if params is None:
         raise GenerationError(f"no generations in {out} (no {PARAMS_FILE}); run the generate job first")
+    _check_params(out, params)
     cs, total = params["chunk_size"], params["prompts"]["chunks"]
     missing = [c for c in range(total) if c not in done_chunks(out)]
     if missing:
@@ -91,6 +98,35 @@ def merge_outputs(cfg: Config) -> dict[str, Any]:
     return _write_manifest(out, params, merged)
 
 
+def _check_params(out: Path, params: dict[str, Any]) -> None:
+    """What the merge reads from params.json is there, with sensible values."""
+    def count(section: dict[str, Any] | None, key: str, least: int) -> bool:
+        v = section.get(key) if isinstance(section, dict) else None
+        return type(v) is int and least <= v < 1 << 63
+
+    prompts, sampling = params.get("prompts"), params.get("sampling")
+    bad = [name for name, ok in (("chunk_size", count(params, "chunk_size", 1)),
+                                 ("prompts.chunks", count(prompts, "chunks", 0)),
+                                 ("prompts.records", count(prompts, "records", 0)),
+                                 ("sampling.samples_per_prompt", count(sampling, "samples_per_prompt", 1)))
+           if not ok]
+    if bad:
+        raise GenerationError(f"{out / PARAMS_FILE} is unreadable or damaged (no valid {', '.join(bad)}); "
+                              "rerun the generate job into a new generate.output_dir")
+
+
+def _row_key(raw: bytes) -> tuple[dict[str, Any], tuple[int, int]]:
+    """The row on a line of a chunk file and its (index, sample); ValueError if it is not one."""
+    row = json_value(raw)
+    if not isinstance(row, dict):
+        raise ValueError("not a JSON object")
+    for key, kind in ROW_FIELDS.items():
+        v = row.get(key)
+        if type(v) is not kind or (kind is int and not 0 <= v < 1 << 63):
+            raise ValueError(f"field {key!r} is {json.dumps(v)[:40]}")
+    return row, (row["index"], row["sample"])
+
+
 class _Merged:
     """generations.jsonl: the chunks' rows, checked and counted as they are copied."""
 
@@ -109,14 +145,20 @@ class _Merged:
         path, cs = chunk_path(self.out, c), self.params["chunk_size"]
         sp = self.params["sampling"]["samples_per_prompt"]
         last = (-1, sp - 1)  # (index, sample) of the row before
-        with open(path, "rb") as src:
+        try:
+            regular_file(path, "chunk file")
+            src = open(path, "rb")  # noqa: SIM115 - closed by the with below
+        except (LmcoreError, OSError) as e:
+            why = first_line(e) if isinstance(e, OSError) else "not a regular file"
+            raise GenerationError(f"cannot read {path} ({why}); {REDO}") from None
+        with src:
             for n, raw in enumerate(src, 1):
                 try:
-                    row = json.loads(raw)
-                    key = (row["index"], row["sample"])
-                    self.counts.add(row, first_sample=key[1] == 0)
-                except (ValueError, KeyError, TypeError):
-                    raise GenerationError(f"{path}:{n}: not a generation row; {REDO}") from None
+                    row, key = _row_key(raw)
+                except ValueError as e:
+                    raise GenerationError(f"{path}:{n}: not a generation row ({first_line(e)}); {REDO}"
+                                          ) from None
+                self.counts.add(row, first_sample=key[1] == 0)
                 if last[1] < sp - 1:  # the next sample of the same prompt
                     ok = key == (last[0], last[1] + 1)
                 else:  # the first sample of a later prompt of this chunk

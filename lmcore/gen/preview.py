@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lmcore.checkpoint import resolve
 from lmcore.config import Config
+from lmcore.errors import ConfigError
 from lmcore.gen.decoder import Decoder, auto_precision
 from lmcore.gen.prompts import PromptSource
 from lmcore.gen.sampling import SamplingParams, row_key, row_uniforms
@@ -15,8 +16,12 @@ def preview(cfg: Config, prompt_texts: list[str] | None = None) -> list[str]:
     g = cfg.generate
     model, tok = resolve(g.checkpoint or cfg.run.dir).build_model()
     texts = list(prompt_texts or [])
+    for t in texts:
+        if len(t.split()) > g.max_prompt_words:
+            raise ConfigError(f"--prompt has {len(t.split())} words, more than generate.max_prompt_words="
+                              f"{g.max_prompt_words}; shorten it, or raise generate.max_prompt_words")
     if not texts and g.prompts:
-        texts = [r.text for r in PromptSource(g.prompts).records()]
+        texts = [r.text for r in PromptSource(g.prompts, max_words=g.max_prompt_words).records()]
     if not texts:
         texts = [""] * g.num_samples
     precision = g.precision if g.precision != "auto" else auto_precision("cpu")

@@ -12,7 +12,8 @@ Every record has an `index`: its 0-based line in the file (or its sample number)
 position that sharding, chunking and the merged output's order are based on.
 
 `scan()` reads the whole file once before any work: it checks every line (a malformed one
-is an error naming file and line, or with bad_lines="skip" a reject), finds duplicate ids,
+is an error naming file and line, or with bad_lines="skip" a reject: malformed or unusable JSON,
+a missing field, a prompt of more than max_words words), finds duplicate ids,
 counts records per chunk and fingerprints the file. Every process of a job scans the same
 file and reaches the same verdict, so a bad input stops all of them before any work.
 """
@@ -30,8 +31,9 @@ from typing import IO
 
 import numpy as np
 
-from lmcore.errors import DataError, first_line
+from lmcore.errors import DataError, LmcoreError, first_line
 from lmcore.fileio import sha256_file
+from lmcore.reading import DECOMPRESS_ERRORS, json_value, regular_file
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 
@@ -79,9 +81,10 @@ def _id_hash(value: int | str) -> int:
 class PromptSource:
     """A prompts file, or num_samples unconditional prompts."""
 
-    def __init__(self, path: str | Path | None = None, num_samples: int = 0):
+    def __init__(self, path: str | Path | None = None, num_samples: int = 0, max_words: int = 0):
         self.path = Path(path) if path else None
         self.num_samples = num_samples
+        self.max_words = max_words  # a prompt of more words is a bad line; 0 = no limit
         if self.path is None:
             self.kind = "unconditional"
         else:
@@ -92,13 +95,24 @@ class PromptSource:
         return str(self.path) if self.path else f"{self.num_samples} unconditional samples"
 
     # -- reading lines --------------------------------------------------------------------------
-    def _open(self) -> IO[bytes]:
-        assert self.path is not None
+    def check(self) -> None:
+        """The prompts file exists and is a regular file (a FIFO would block open() for ever, a
+        device such as /dev/zero never ends): checked before it is opened."""
+        if self.path is None:
+            return
         if not self.path.exists():
             raise DataError(f"prompts file {self.path} does not exist; set generate.prompts to a "
                             "JSONL file ({\"id\": ..., \"prompt\": ...} per line) or a text file")
         if self.path.is_dir():
             raise DataError(f"generate.prompts {self.path} is a folder; pass a JSONL or text file")
+        try:
+            regular_file(self.path, "generate.prompts")
+        except LmcoreError as e:
+            raise DataError(str(e)) from None
+
+    def _open(self) -> IO[bytes]:
+        assert self.path is not None
+        self.check()
         try:
             return gzip.open(self.path, "rb") if self.path.name.endswith(".gz") else open(self.path, "rb")
         except OSError as e:
@@ -110,8 +124,11 @@ class PromptSource:
         try:
             with f:
                 yield from enumerate(f)
-        except (OSError, EOFError) as e:  # a truncated or fake .gz
-            raise DataError(f"cannot read prompts file {self.path}: {e}") from None
+        except DECOMPRESS_ERRORS as e:  # not gzip at all, truncated, or damaged compressed data
+            raise DataError(f"cannot read prompts file {self.path}: damaged, truncated or not gzip data "
+                            f"({first_line(e)}); compress it again from the original") from None
+        except OSError as e:  # a read error
+            raise DataError(f"cannot read prompts file {self.path}: {first_line(e)}") from None
 
     def parse(self, index: int, raw: bytes) -> PromptRecord | None:
         """The record on one line; None for a blank JSONL line; BadLine if malformed."""
@@ -122,27 +139,41 @@ class PromptSource:
             raise BadLine(lineno, f"not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8",
                           raw) from None
         if self.kind == "text":
-            return PromptRecord(index, lineno, line.rstrip("\r\n"))
+            return PromptRecord(index, lineno, self._checked_length(lineno, line.rstrip("\r\n"), raw))
         if not line.strip():
             return None
         try:
-            obj = json.loads(line)
+            obj = json_value(line)
         except json.JSONDecodeError as e:
             raise BadLine(lineno, f"malformed JSON ({e.msg}); fix or remove the line", raw) from None
+        except ValueError as e:  # nested too deeply, an over-long integer, a lone surrogate
+            raise BadLine(lineno, f"unusable JSON: {first_line(e)}; fix or remove the line", raw) from None
         if not isinstance(obj, dict):
             raise BadLine(lineno, "expected a JSON object with \"id\" and \"prompt\", got "
                                   f"{type(obj).__name__}", raw)
         missing = [k for k in ("id", "prompt") if k not in obj]
         if missing:
-            found = ", ".join(obj) or "none"
+            found = ", ".join(obj)[:100] or "none"
             raise BadLine(lineno, f"missing field {' and '.join(repr(k) for k in missing)} (found: {found}); "
                                   "each line needs \"id\" and \"prompt\"", raw)
         pid, text = obj["id"], obj["prompt"]
         if isinstance(pid, bool) or not isinstance(pid, (int, str)):
-            raise BadLine(lineno, f"field 'id' must be a string or an integer, got {json.dumps(pid)}", raw)
+            raise BadLine(lineno, "field 'id' must be a string or an integer, got "
+                                  f"{json.dumps(pid)[:40]}", raw)
         if not isinstance(text, str):
             raise BadLine(lineno, f"field 'prompt' must be a string, got {json.dumps(text)[:40]}", raw)
-        return PromptRecord(index, pid, text)
+        return PromptRecord(index, pid, self._checked_length(lineno, text, raw))
+
+    def _checked_length(self, lineno: int, text: str, raw: bytes) -> str:
+        """The text, unless it has more than max_words words (the model reads every word of a
+        prompt before it writes one: a prompt of millions would hold a job for hours)."""
+        limit = self.max_words
+        if limit and (len(text) + 1) // 2 > limit:  # else it cannot have more words than that
+            words = len(text.split())
+            if words > limit:
+                raise BadLine(lineno, f"the prompt has {words} words, more than generate.max_prompt_words="
+                                      f"{limit}; shorten it, or raise generate.max_prompt_words", raw)
+        return text
 
     # -- the checking pass ---------------------------------------------------------------------
     def scan(self, chunk_size: int, bad_lines: str = "error",
@@ -158,7 +189,8 @@ class PromptSource:
         hashes = array("q")
         sha = hashlib.sha256()
         lines = records = blank = nbytes = 0
-        for index, raw in self._raw_lines():
+        raw_lines = self._raw_lines()
+        for index, raw in raw_lines:
             lines = index + 1
             nbytes += len(raw)
             sha.update(raw)
@@ -169,6 +201,9 @@ class PromptSource:
                 rec = self.parse(index, raw)
             except BadLine as bad:
                 if bad_lines != "skip":
+                    if self.path.name.endswith(".gz"):  # damaged data decodes to bad lines: say so
+                        for _ in raw_lines:
+                            pass
                     raise DataError(f"{self.path}:{bad.lineno}: {bad.why} "
                                     "(or set generate.bad_lines=skip to set bad lines aside)") from None
                 skip.add(index)

@@ -17,6 +17,7 @@ from typing import Any
 
 from lmcore import fileio
 from lmcore.errors import LmcoreError, write_failed
+from lmcore.reading import json_value
 from lmcore.track.tracker import Tracker
 
 
@@ -28,18 +29,18 @@ class MetricsLog:
         self.tracker = tracker
         if not enabled:
             return
-        kept: list[str] = []
+        kept: list[bytes] = []
         try:
             fileio.make_dir(path.parent)
             if path.exists():  # rows past the step resumed from are the ones to be redone
-                kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                        if _step_of(line) is not None and _step_of(line) <= resume_step]
-                fileio.atomic_write_text(path, "".join(line + "\n" for line in kept))
+                kept = [line for line in path.read_bytes().splitlines()
+                        if (step := _step_of(line)) is not None and step <= resume_step]
+                fileio.atomic_write_bytes(path, b"".join(line + b"\n" for line in kept))
         except OSError as e:
             raise self._failed(e, "nothing was trained yet") from None
         if tracker is not None:  # rows an earlier job sent but W&B lost: the tracker skips the rest
             for line in kept:
-                row = json.loads(line)
+                row = json_value(line)
                 tracker.log(row.pop("step"), {k: v for k, v in row.items() if k != "time"})
 
     def log(self, step: int, values: dict[str, Any]) -> None:
@@ -58,22 +59,26 @@ class MetricsLog:
                                         self.path.parent))
 
 
-def _step_of(line: str) -> int | None:
+def _step_of(line: bytes) -> int | None:
+    """The step of a row; None for a line that is not a row (a torn last line from a killed run,
+    or damage: not UTF-8, not JSON, nested too deeply, a step that is not an integer)."""
     try:
-        return int(json.loads(line)["step"])
+        step = json_value(line)["step"]
     except (ValueError, KeyError, TypeError):
-        return None  # a torn last line from a killed run
+        return None
+    return step if type(step) is int else None
 
 
 def read_metrics(path: Path, tolerant: bool = False) -> list[dict[str, Any]]:
     """The rows of a metrics.jsonl; tolerant=True skips lines that are not JSON objects (a
-    torn last line of a killed run)."""
+    torn last line of a killed run, or damage: nested too deeply, an over-long number, a lone
+    surrogate, not UTF-8), else they raise ValueError."""
     rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_bytes().splitlines():
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json_value(line)
         except ValueError:
             if tolerant:
                 continue

@@ -7,13 +7,15 @@ Writes into OUT (default RUN_DIR/report):
   report.md       a short summary (final and best figures, checkpoints, eval results)
 Wall time is the clock time since the run's first logged row, time spent waiting for a
 requeue included; the summary also gives the pure training time (train_seconds).
+What no trainer writes is left out, not drawn: rows without a step in 0 .. 2^63-1, values that
+are not finite numbers or beyond +-1e100, times beyond +-1e11 s (year 5000), and values <= 0
+on a log axis.
 matplotlib is imported only when drawing, with the Agg backend (no display needed).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import shutil
@@ -22,10 +24,13 @@ from typing import Any
 
 from lmcore import fileio
 from lmcore.errors import LmcoreError, first_line, write_failed
+from lmcore.reading import json_value
 from lmcore.rundir import RunDir
 from lmcore.track.metrics import read_metrics
 
 TRAIN_COLOR, VAL_COLOR = "#1f77b4", "#d62728"
+MAX_VALUE = 1e100  # beyond this a logged figure is damage, not a measurement (and breaks axis arithmetic)
+MAX_TIME = 1e11  # seconds of Unix time: the year 5138
 
 
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> str:
@@ -37,7 +42,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         raise LmcoreError(f"{run_dir}{hint} has no metrics.jsonl; pass a run folder that a training "
                           "job has written (run.dir)")
     try:
-        rows = [r for r in read_metrics(path, tolerant=True) if isinstance(r.get("step"), int)]
+        rows = [r for r in read_metrics(path, tolerant=True) if _step(r.get("step"))]
     except (OSError, UnicodeDecodeError) as e:
         raise LmcoreError(f"cannot read {path} ({first_line(e)}); pass a run folder whose metrics.jsonl is "
                           "readable") from None
@@ -74,19 +79,19 @@ class _Series:
 
     def __init__(self, rows: list[dict[str, Any]]):
         self.rows = rows
-        times = [r["time"] for r in rows if _finite(r.get("time"))]
+        times = [r["time"] for r in rows if _time(r.get("time"))]
         self.t0 = min(times) if times else None
         self.events = [r for r in rows if r.get("event")]
 
-    def points(self, key: str) -> tuple[list[int], list[float], list[float]]:
+    def points(self, key: str, positive: bool = False) -> tuple[list[int], list[float], list[float]]:
         steps, walls, values = [], [], []
         for r in self.rows:
             v = r.get(key)
-            if isinstance(v, bool) or not _finite(v):
+            if not _finite(v) or (positive and v <= 0):
                 continue
             steps.append(r["step"])
             t = r.get("time")
-            walls.append((t - self.t0) if _finite(t) and self.t0 is not None else math.nan)
+            walls.append((t - self.t0) if _time(t) and self.t0 is not None else math.nan)
             values.append(float(v))
         return steps, walls, values
 
@@ -106,7 +111,17 @@ class _Series:
 
 
 def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A number a trainer could have logged: not a bool, not NaN or infinite, within +-MAX_VALUE
+    (compared first: math.isfinite of a 400-digit integer overflows)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= MAX_VALUE
+
+
+def _time(v: Any) -> bool:
+    return _finite(v) and abs(v) <= MAX_TIME
+
+
+def _step(v: Any) -> bool:
+    return type(v) is int and 0 <= v < 1 << 63
 
 
 # --- figures --------------------------------------------------------------------------
@@ -122,7 +137,7 @@ def _figure(ncols: int, width: float = 6.0, height: float = 4.2):
 
 
 def _time_axis(data: _Series) -> tuple[float, str]:
-    walls = [r["time"] - data.t0 for r in data.rows if _finite(r.get("time")) and data.t0 is not None]
+    walls = [r["time"] - data.t0 for r in data.rows if _time(r.get("time")) and data.t0 is not None]
     span = max(walls, default=0.0)
     if span >= 3 * 3600:
         return 3600.0, "hours"
@@ -132,13 +147,13 @@ def _time_axis(data: _Series) -> tuple[float, str]:
 
 
 def _draw_pair(data: _Series, train_key: str, val_key: str, ylabel: str, title: str, log: bool):
-    if not (data.has(train_key) or data.has(val_key)):
+    if not (data.points(train_key, positive=log)[0] or data.points(val_key, positive=log)[0]):
         return None
     fig, (by_step, by_time) = _figure(2)
     scale, unit = _time_axis(data)
     for key, label, color, style in ((train_key, "train", TRAIN_COLOR, "-"),
                                      (val_key, "validation", VAL_COLOR, "-o")):
-        steps, walls, values = data.points(key)
+        steps, walls, values = data.points(key, positive=log)
         if not steps:
             continue
         kw = {"color": color, "label": label, "markersize": 4, "linewidth": 1.5}
@@ -202,6 +217,8 @@ def _fmt(v: Any, digits: int = 4) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if not _finite(seconds):
+        return "–"
     seconds = int(round(seconds))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -231,7 +248,7 @@ def _summary_markdown(run_dir: Path, data: _Series, images: list[str]) -> str:
     if secs:
         table.append(("training time (train_seconds)", _duration(secs[1])))
     if data.t0 is not None:
-        end = max(r["time"] for r in data.rows if _finite(r.get("time")))
+        end = max(r["time"] for r in data.rows if _time(r.get("time")))
         table.append(("wall time, first to last logged row", _duration(end - data.t0)))
     _, _, tps = data.points("tokens_per_s")
     if tps:
@@ -265,8 +282,10 @@ def _eval_results(run_dir: Path) -> list[tuple[str, str, dict]]:
     """eval_SPLIT.json files that `lmcore eval` left beside the run's checkpoints."""
     found = []
     for path in sorted(RunDir(run_dir).checkpoints.glob("step_*/eval_*.json")):
+        if not path.is_file():  # a FIFO would block the read for ever
+            continue
         try:
-            res = json.loads(path.read_text(encoding="utf-8"))
+            res = json_value(path.read_bytes())
         except (OSError, ValueError):
             continue
         if isinstance(res, dict):
