@@ -47,7 +47,9 @@ def test_train_eval_generate_from_the_command_line(tmp_path: Path):
     rows = read_metrics(run / "metrics.jsonl")
     steps = [r["step"] for r in rows if "train/loss" in r]
     assert steps == [10, 20, 30, 40, 50, 60, 63]
-    assert rows[-1]["step"] == 63 and "val/ppl" in rows[-1]
+    # the end: the last validation, then the last checkpoint (which records it)
+    assert rows[-2]["step"] == 63 and "val/ppl" in rows[-2]
+    assert rows[-1]["step"] == 63 and rows[-1]["event"] == "checkpoint"
 
     # Not a terminal: plain progress lines (SLURM log files), not a progress bar.
     assert "step 10/63 loss=" in proc.stderr and "\r" not in proc.stderr
