@@ -92,6 +92,9 @@ class TrainConfig:
                              le=1_000_000)
     epochs: int = setting(10, "passes over the training data (when max_steps is 0)", ge=0)
     max_steps: int = setting(0, "optimizer steps; 0 = run the epochs", ge=0)
+    max_train_seconds: float = setting(
+        0.0, "end the run once this much training time is spent (train_seconds: steps only, kept across "
+             "resumes; validation excluded); 0 = no limit", ge=0.0)
     grad_accum: int = setting(1, "micro-batches per optimizer step", gt=0, le=1024)
     mixed_precision: Literal["no", "bf16"] = setting("no", "autocast precision of the matmuls")
     loss_chunk: int = setting(128, "rows per chunk of the fused projection + loss; 0 = plain PyTorch", ge=0)

@@ -247,7 +247,9 @@ class Trainer:
         self._announce()
         # A finished run started again (a requeue after the end, say) has nothing to do.
         patience = t.early_stop_patience
-        already_done = s.step >= total or bool(patience and s.stale_validations >= patience)
+        budget = t.max_train_seconds
+        already_done = (s.step >= total or bool(patience and s.stale_validations >= patience)
+                        or bool(budget and s.train_seconds >= budget))
         last_saved = s.step if self.resumed_from is not None else -1
         val_ppl, stopped = None, False
         self.model.train()
@@ -271,6 +273,11 @@ class Trainer:
                     self.bar.write(f"step {s.step}: {s.stale_validations} validations without a better "
                                    f"perplexity than {s.best_val:.2f} (step {s.best_step}): stopping early")
                     break
+                # the time budget: rank 0's clock decides for all (the end of the run, not a stop)
+                if budget and any_rank(self.acc, self.main and s.train_seconds >= budget):
+                    self.bar.write(f"step {s.step}: {s.train_seconds:.0f} s of training, the budget "
+                                   f"train.max_train_seconds={budget:g}: ending the run here")
+                    break
                 # a stop request on any rank: all stop at this step
                 if any_rank(self.acc, stop_requested()):
                     stopped = s.step < total
@@ -293,9 +300,10 @@ class Trainer:
         path = self.save() if last_saved != s.step else None
         self.record_best()
         if already_done:
-            why = "stopped early" if s.step < total else f"of {total}"
+            why = f"of {total}" if s.step >= total else "its time budget spent" if budget and \
+                s.train_seconds >= budget else "stopped early"
             self.bar.write(f"nothing to do: {self.resumed_from} is already at step {s.step} ({why})")
-            self.early_stopped = s.step < total
+            self.early_stopped = why == "stopped early"
         if self.main:
             path = path or self.run.step_dir(s.step)
         self.acc.wait_for_everyone()
