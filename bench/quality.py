@@ -1,0 +1,162 @@
+"""Quality against training time: masked test perplexity (every 10th test review, the notebook's
+tokenizer and vocabulary: exactly bench.py's time-to-quality measure) against training seconds,
+for the notebook's recipe and for ours, up to a budget.
+
+    python bench/quality.py                                  # 60 min of training per recipe
+    python bench/quality.py --budget-min 5                   # a quick look
+    python bench/quality.py --budget-min 60 --work W         # resumes W's runs: train in parts
+    python bench/quality.py --recipe best=configs/imdb_best.yaml:250 \
+        --recipe notebook=configs/imdb_seed.yaml:100
+
+Each recipe is an ordinary lmcore run in WORK/NAME with train.max_train_seconds = the budget, so
+it checkpoints as usual and a rerun with the same or a larger budget resumes it (a finished one
+does nothing). The test reviews are only measured, never selected on: recipes choose nothing from
+them (no keep_best, no early stopping here). Writes WORK/quality.json, quality.png (perplexity
+against training minutes) and quality.md (perplexity at 5, 15, 30 and 60 minutes: the last
+validation at or before each mark). Training seconds count optimizer steps only (validation,
+checkpoints, data loading and process start excluded), as in bench.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MARKS_MIN = (5, 15, 30, 60)
+DEFAULT_RECIPES = ("notebook=configs/imdb_seed.yaml:100", "ours=configs/imdb_fast.yaml:250")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "imdb"))
+    p.add_argument("--budget-min", type=float, default=60.0, help="training minutes per recipe")
+    p.add_argument("--recipe", action="append", metavar="NAME=CONFIG[:EVAL_EVERY]",
+                   help="a run to measure (repeatable); EVAL_EVERY: steps between validations")
+    p.add_argument("--work", default=str(REPO / "bench" / "results" / "quality"))
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--override", action="append", default=[], metavar="NAME:KEY=VALUE",
+                   help="an override for one recipe, e.g. ours:train.batch_size=32")
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    recipes = [parse_recipe(r) for r in (args.recipe or DEFAULT_RECIPES)]
+    result = {"budget_min": args.budget_min, "data": args.data, "machine": machine(), "recipes": {}}
+    for name, config, every in recipes:
+        extra = [o.split(":", 1)[1] for o in args.override if o.startswith(f"{name}:")]
+        result["recipes"][name] = train(name, config, every, extra, args, work / name)
+        write(result, work)  # after each recipe: a long run interrupted keeps what it measured
+    print_table(result)
+
+
+def parse_recipe(text: str) -> tuple[str, str, int]:
+    name, sep, rest = text.partition("=")
+    config, _, every = rest.partition(":")
+    if not sep or not name or not config:
+        raise SystemExit(f"--recipe {text!r}: expected NAME=CONFIG[:EVAL_EVERY]")
+    return name, config, int(every or 200)
+
+
+def train(name: str, config: str, every: int, extra: list[str], args, run: Path) -> dict:
+    overrides = [f"run.dir={run}", f"data.source={args.data}", "data.val_split=test", "data.val_stride=10",
+                 "data.val_limit=0", "train.max_steps=1000000000", f"train.eval_interval={every}",
+                 f"train.log_interval={min(every, 50)}", f"train.checkpoint_interval={every}",
+                 f"train.max_train_seconds={args.budget_min * 60:g}", "train.keep_checkpoints=1",
+                 "tracking.wandb_mode=disabled", *([f"run.threads={args.threads}"] if args.threads else []),
+                 *extra]
+    cmd = [sys.executable, "-m", "lmcore", "train", "--config", config, "--no-progress", *overrides]
+    print(f"[{name}] {' '.join(cmd[2:])}", flush=True)
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"[{name}] exit {proc.returncode}:\n{proc.stderr[-3000:]}")
+    curve = validations(run / "metrics.jsonl")
+    print(f"[{name}] {len(curve)} validations, {time.time() - t0:.0f} s wall this time", flush=True)
+    return {"config": config, "overrides": overrides[1:], "eval_every_steps": every, "curve": curve,
+            "at_minutes": {str(m): at(curve, m) for m in MARKS_MIN if m <= args.budget_min + 1e-9}}
+
+
+def validations(metrics: Path) -> list[dict]:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [{"step": r["step"], "train_seconds": round(r["train_seconds"], 2),
+             "val_ppl": round(r["val/ppl"], 2), "tokens_seen": r.get("tokens_seen")}
+            for r in rows if "val/ppl" in r]
+
+
+def at(curve: list[dict], minutes: float) -> dict | None:
+    """The last validation at or before `minutes` of training."""
+    done = [v for v in curve if v["train_seconds"] <= minutes * 60 + 1e-6]
+    return done[-1] if done else None
+
+
+def machine() -> dict:
+    flags = ""
+    with contextlib.suppress(OSError, StopIteration):
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    import torch  # only for its version and thread count
+
+    return {"host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "amx": "amx_tile" in flags,
+            "avx512_fp16": "avx512_fp16" in flags, "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def write(result: dict, work: Path) -> None:
+    (work / "quality.json").write_text(json.dumps(result, indent=1))
+    (work / "quality.md").write_text(markdown(result))
+    plot(result, work / "quality.png")
+
+
+def markdown(result: dict) -> str:
+    marks = [m for m in MARKS_MIN if m <= result["budget_min"] + 1e-9]
+    head = "| recipe | " + " | ".join(f"{m} min" for m in marks) + " | best | validations |\n"
+    lines = [head, "|" + " --- |" * (len(marks) + 3) + "\n"]
+    for name, r in result["recipes"].items():
+        cells = [f"{v['val_ppl']:.1f}" if (v := r["at_minutes"].get(str(m))) else "–" for m in marks]
+        best = min((v["val_ppl"] for v in r["curve"]), default=None)
+        tail = f" | {best:.1f} | {len(r['curve'])} |\n" if best is not None else " | – | 0 |\n"
+        lines.append(f"| {name} (`{r['config']}`) | " + " | ".join(cells) + tail)
+    m = result["machine"]
+    lines.append(f"\nMasked perplexity on every 10th test review (2,500) against training minutes; "
+                 f"{m['cpus']} CPUs, torch {m['torch']}, {m['threads']} threads, AMX {m['amx']}, "
+                 f"{m['date']}.\n")
+    return "".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, r in result["recipes"].items():
+        xs = [v["train_seconds"] / 60 for v in r["curve"]]
+        label = f"{name} ({Path(r['config']).name})"
+        ax.plot(xs, [v["val_ppl"] for v in r["curve"]], marker=".", label=label)
+    ax.set(xlabel="training minutes (optimizer steps only)",
+           ylabel="masked perplexity, every 10th test review", yscale="log",
+           title="quality against training time")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def print_table(result: dict) -> None:
+    print()
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
