@@ -12,9 +12,11 @@ Each recipe is an ordinary lmcore run in WORK/NAME with train.max_train_seconds 
 it checkpoints as usual and a rerun with the same or a larger budget resumes it (a finished one
 does nothing). The test reviews are only measured, never selected on: recipes choose nothing from
 them (no keep_best, no early stopping here). Writes WORK/quality.json, quality.png (perplexity
-against training minutes) and quality.md (perplexity at 5, 15, 30 and 60 minutes: the last
-validation at or before each mark). Training seconds count optimizer steps only (validation,
-checkpoints, data loading and process start excluded), as in bench.py.
+against training minutes), quality.md (perplexity at 5, 15, 30 and 60 minutes: the last
+validation at or before each mark) and samples.md: completions of the same prompts with the
+same seed from each recipe's final model, so that the perplexities can be read as text.
+Training seconds count optimizer steps only (validation, checkpoints, data loading and process
+start excluded), as in bench.py.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MARKS_MIN = (5, 15, 30, 60)
+PROMPTS = ("this movie was", "the acting in this film", "i would not recommend", "the best thing about it is",
+           "my wife and i")
+SAMPLING = ("generate.temperature=0.8", "generate.top_k=50", "generate.max_new_tokens=30", "generate.seed=0",
+            "generate.precision=fp32")
 DEFAULT_RECIPES = ("notebook=configs/imdb_seed.yaml:100", "ours=configs/imdb_fast.yaml:250")
 
 
@@ -53,6 +59,8 @@ def main() -> None:
         extra = [o.split(":", 1)[1] for o in args.override if o.startswith(f"{name}:")]
         result["recipes"][name] = train(name, config, every, extra, args, work / name)
         write(result, work)  # after each recipe: a long run interrupted keeps what it measured
+    completions = {name: samples(work / name, work / f"{name}-samples") for name, _, _ in recipes}
+    (work / "samples.md").write_text(samples_markdown(completions))
     print_table(result)
 
 
@@ -82,6 +90,30 @@ def train(name: str, config: str, every: int, extra: list[str], args, run: Path)
     print(f"[{name}] {len(curve)} validations, {time.time() - t0:.0f} s wall this time", flush=True)
     return {"config": config, "overrides": overrides[1:], "eval_every_steps": every, "curve": curve,
             "at_minutes": {str(m): at(curve, m) for m in MARKS_MIN if m <= args.budget_min + 1e-9}}
+
+
+def samples(run: Path, out: Path) -> list[str]:
+    """The run's completions of PROMPTS (bulk generation, one shard; a finished folder is reused)."""
+    prompts = out.with_name(out.name + ".jsonl")
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": t}) + "\n" for i, t in enumerate(PROMPTS)))
+    cmd = [sys.executable, "-m", "lmcore", "generate", f"run.dir={run}", f"generate.prompts={prompts}",
+           f"generate.output_dir={out}", "tracking.wandb_mode=disabled", *SAMPLING]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"[{run.name}] generation exit {proc.returncode}:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    return [r["completion"] for r in sorted(rows, key=lambda r: r["id"])]
+
+
+def samples_markdown(completions: dict[str, list[str]]) -> str:
+    names = list(completions)
+    lines = ["| prompt | " + " | ".join(names) + " |\n", "|" + " --- |" * (len(names) + 1) + "\n"]
+    for i, prompt in enumerate(PROMPTS):
+        cells = [completions[n][i].replace("|", "\\|") for n in names]
+        lines.append(f"| *{prompt}* | " + " | ".join(cells) + " |\n")
+    lines.append(f"\nEach recipe's final model; {', '.join(SAMPLING)}.\n")
+    return "".join(lines)
 
 
 def validations(metrics: Path) -> list[dict]:
