@@ -4,7 +4,7 @@
         model.safetensors       weights
         optimizer.safetensors   optimizer tensors   + optimizer.json (the rest)
         rank_00000.safetensors  per-rank RNG and carried LSTM state
-        trainer_state.json      step, data position, counters (lmcore.trainer.TrainState)
+        trainer_state.json      step, data position, counters (lmcore.train_state.TrainState)
         tokenizer.json, config.yaml
         manifest.json           sha256 of every file above, architecture, vocabulary
 

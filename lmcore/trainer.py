@@ -12,15 +12,12 @@ rows, as one that never stopped.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import math
 import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,93 +48,7 @@ from lmcore.slurm.env import job_record
 from lmcore.track.metrics import MetricsLog
 from lmcore.track.progress import Progress
 from lmcore.track.wandb_init import open_tracker
-
-
-@dataclass
-class TrainState:
-    """Where training stands: trainer_state.json in every checkpoint."""
-
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    index: int = 0  # the next batch of the epoch
-    tokens_seen: int = 0  # real targets so far, all ranks
-    train_seconds: float = 0.0  # optimizer steps only: validation and checkpoints excluded
-    world_size: int = 1
-    skipped_steps: int = 0  # non-finite steps skipped (train.nonfinite=skip)
-    best_val: float = math.inf  # the lowest validation perplexity so far
-    best_step: int = -1  # its step (-1: none yet)
-    stale_validations: int = 0  # validations since the best one (train.early_stop_patience)
-
-    def state_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for f in dataclasses.fields(self):
-            if f.name in state:
-                setattr(self, f.name, type(getattr(self, f.name))(state[f.name]))
-            elif f.name not in _NEWER_KEYS:
-                raise CheckpointError(f"trainer_state.json has no {f.name!r}")
-
-
-# keys older checkpoints lack: their defaults are right for them
-_NEWER_KEYS = ("skipped_steps", "best_val", "best_step", "stale_validations")
-
-
-@dataclass
-class RankState:
-    """What differs between ranks: rank_NNNNN.safetensors in every checkpoint."""
-
-    lstm: tuple[torch.Tensor, torch.Tensor] | None = None  # packed: carried across windows
-    window: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss, targets, seconds
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out = {"torch_rng": torch.get_rng_state(), "window": torch.tensor(self.window, dtype=torch.float64)}
-        if self.lstm is not None:
-            out.update(h=self.lstm[0], c=self.lstm[1])
-        return out
-
-    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device) -> None:
-        torch.set_rng_state(state["torch_rng"])
-        self.lstm = (state["h"].to(device), state["c"].to(device)) if "h" in state else None
-        if "window" in state:  # older checkpoints: the next row starts a fresh window
-            self.window = state["window"].tolist()
-
-
-@dataclass
-class StepOutput:
-    loss_sum: float  # this rank's summed NLL
-    targets: int  # this rank's real targets
-    grad_norm: float
-    lr: float
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    step: int
-    checkpoint: Path | None
-    stopped_early: bool  # a stop was requested (signal): resume to finish
-    val_ppl: float | None
-    model: LSTMLM | None = None  # the trained (unwrapped) model, for callers in-process
-    rank: int = 0
-    world_size: int = 1
-    best: dict[str, Any] | None = None  # the best validation: step, val_ppl (and its checkpoint, keep_best)
-    early_stopped: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "checkpoint": str(self.checkpoint) if self.checkpoint else None,
-                "val_ppl": self.val_ppl, "stopped_early": self.stopped_early, "rank": self.rank,
-                "world_size": self.world_size, "run_dir": str(self.run_dir),
-                "best": self.best, "early_stopped": self.early_stopped,
-                "weights_sha256": weights_digest(self.model) if self.model is not None else None}
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 of every parameter's bytes, in order: equal on all ranks of a healthy DDP run."""
-    h = hashlib.sha256()
-    for p in model.parameters():
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+from lmcore.train_state import RankState, StepOutput, TrainResult, TrainState
 
 
 def train(cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
@@ -246,10 +157,7 @@ class Trainer:
         self.bar = Progress(total, initial=s.step, enabled=self.main and progress)
         self._announce()
         # A finished run started again (a requeue after the end, say) has nothing to do.
-        patience = t.early_stop_patience
-        budget = t.max_train_seconds
-        already_done = (s.step >= total or bool(patience and s.stale_validations >= patience)
-                        or bool(budget and s.train_seconds >= budget))
+        already_done = s.step >= total or self._finished_before() is not None
         last_saved = s.step if self.resumed_from is not None else -1
         val_ppl, stopped = None, False
         self.model.train()
@@ -267,30 +175,18 @@ class Trainer:
                     self.save()
                     last_saved = s.step
                     self.record_best()
-                # early stopping: too many validations without a new best
-                if patience and s.stale_validations >= patience:
-                    self.early_stopped = True
-                    self.bar.write(f"step {s.step}: {s.stale_validations} validations without a better "
-                                   f"perplexity than {s.best_val:.2f} (step {s.best_step}): stopping early")
-                    break
-                # the time budget: rank 0's clock decides for all (the end of the run, not a stop)
-                if budget and any_rank(self.acc, self.main and s.train_seconds >= budget):
-                    self.bar.write(f"step {s.step}: {s.train_seconds:.0f} s of training, the budget "
-                                   f"train.max_train_seconds={budget:g}: ending the run here")
+                # early stopping or the time budget end the run here
+                if self._run_ends():
                     break
                 # a stop request on any rank: all stop at this step
                 if any_rank(self.acc, stop_requested()):
                     stopped = s.step < total
                     break
         except RuntimeError as e:
-            if peer_gone(e):  # a collective failed or timed out: a rank is gone
-                raise lost_contact(self.acc.process_index, self.hosts, e, self._kept()) from None
-            asked = out_of_memory(e)
-            if asked is None:
+            failure = self._step_failure(e)
+            if failure is None:
                 raise
-            raise LmcoreError(f"out of memory at step {s.step + 1} ({asked}); {self._kept()}: lower "
-                              "train.batch_size (raise train.grad_accum to keep the batch), data.truncate "
-                              "or the model size, then run again") from None
+            raise failure from None
         self.bar.close()
         # the end: validate (unless stopped, or early stopping just did), then save, so that the last
         # checkpoint records its own validation
@@ -300,10 +196,50 @@ class Trainer:
         path = self.save() if last_saved != s.step else None
         self.record_best()
         if already_done:
-            why = f"of {total}" if s.step >= total else "its time budget spent" if budget and \
-                s.train_seconds >= budget else "stopped early"
+            why = f"of {total}" if s.step >= total else self._finished_before()
             self.bar.write(f"nothing to do: {self.resumed_from} is already at step {s.step} ({why})")
             self.early_stopped = why == "stopped early"
+        return self._result(path, stopped, val_ppl)
+
+    def _finished_before(self) -> str | None:
+        """Why a resumed run has nothing left to do (its early stop or its time budget), or None."""
+        s, t = self.state, self.cfg.train
+        if t.max_train_seconds and s.train_seconds >= t.max_train_seconds:
+            return "its time budget spent"
+        if t.early_stop_patience and s.stale_validations >= t.early_stop_patience:
+            return "stopped early"
+        return None
+
+    def _run_ends(self) -> bool:
+        """Early stopping (too many validations without a new best), or the time budget spent (rank
+        0's clock decides for all): the end of the run, not a stop."""
+        s, t = self.state, self.cfg.train
+        if t.early_stop_patience and s.stale_validations >= t.early_stop_patience:
+            self.early_stopped = True
+            self.bar.write(f"step {s.step}: {s.stale_validations} validations without a better "
+                           f"perplexity than {s.best_val:.2f} (step {s.best_step}): stopping early")
+            return True
+        budget = t.max_train_seconds
+        if budget and any_rank(self.acc, self.main and s.train_seconds >= budget):
+            self.bar.write(f"step {s.step}: {s.train_seconds:.0f} s of training, the budget "
+                           f"train.max_train_seconds={budget:g}: ending the run here")
+            return True
+        return False
+
+    def _step_failure(self, e: RuntimeError) -> LmcoreError | None:
+        """The one line for a step that failed: a rank gone, or out of memory; None for other errors."""
+        if peer_gone(e):  # a collective failed or timed out: a rank is gone
+            return lost_contact(self.acc.process_index, self.hosts, e, self._kept())
+        asked = out_of_memory(e)
+        if asked is None:
+            return None
+        return LmcoreError(f"out of memory at step {self.state.step + 1} ({asked}); {self._kept()}: lower "
+                           "train.batch_size (raise train.grad_accum to keep the batch), data.truncate "
+                           "or the model size, then run again")
+
+    def _result(self, path: Path | None, stopped: bool, val_ppl: float | None) -> TrainResult:
+        """Every rank waits for the others, closes its tracker and returns what it did."""
+        s = self.state
         if self.main:
             path = path or self.run.step_dir(s.step)
         self.acc.wait_for_everyone()

@@ -21,7 +21,7 @@ LAYERS = [
     ("model", ["lmcore.model", "lmcore.optim"]),
     ("checkpoints", ["lmcore.checkpoint"]),
     ("evaluation, generation", ["lmcore.evaluate", "lmcore.gen.*"]),
-    ("training", ["lmcore.trainer"]),
+    ("training", ["lmcore.train_state", "lmcore.trainer"]),
     ("the dispatcher, export", ["lmcore.jobs", "lmcore.export"]),
     ("SLURM", ["lmcore.slurm.profile", "lmcore.slurm.entry", "lmcore.slurm.submit", "lmcore.slurm.cli",
                "lmcore.slurm.status"]),
