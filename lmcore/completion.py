@@ -17,8 +17,9 @@ from lmcore import presets
 from lmcore.config import Config
 from lmcore.schema import leaf_paths
 
-SUBMIT_OPTIONS = "--cluster --config --dry-run --shards --wait --timeout --json --help"
-SUBMIT_KINDS = "train eval generate pipeline"
+SUBMIT_OPTIONS = ("--cluster --config --dry-run --shards --wait --timeout --json --grid --points --dir "
+                  "--parallel --help")
+SUBMIT_KINDS = "train eval generate pipeline sweep"
 
 
 def _choices() -> dict[str, list[str]]:

@@ -22,7 +22,7 @@ LAYERS = [
     ("checkpoints", ["lmcore.checkpoint"]),
     ("evaluation, generation", ["lmcore.evaluate", "lmcore.gen.*"]),
     ("training", ["lmcore.trainer"]),
-    ("the dispatcher, export", ["lmcore.jobs", "lmcore.export"]),
+    ("the dispatcher, export, sweeps", ["lmcore.jobs", "lmcore.export", "lmcore.sweep"]),
     ("SLURM", ["lmcore.slurm.profile", "lmcore.slurm.entry", "lmcore.slurm.submit", "lmcore.slurm.cli",
                "lmcore.slurm.status"]),
     ("command line", ["lmcore.cli", "lmcore.__main__", "lmcore.completion"]),
