@@ -88,6 +88,36 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
                         "group (default: runs/sweep-CONFIG-HASH of the sweep)")
 
 
+def _sweep_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="train every point of a hyperparameter grid here, one after another",
+                       description="Train one run per point of a sweep, one after another in this process: "
+                                   "the cartesian product of --grid axes, or the points of a file. Every "
+                                   "point's config is checked before the first one trains; each runs in "
+                                   "SWEEP_DIR/NAME (NAME from its overrides) and resumes like any run, so a "
+                                   "rerun skips finished points. On SLURM: lmcore submit sweep.",
+                       epilog=SWEEP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _sweep_options(p)
+    p.add_argument("--keep-going", action="store_true",
+                   help="after a point fails, go on with the next one (exit status 1 at the end)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+    p.add_argument("--stop-signals", default="TERM,USR2", metavar="SIGS",
+                   help="signals that checkpoint the point in training and end the sweep with status 3 "
+                        "(rerun to resume; default: TERM,USR2)")
+
+
+def _report_parser(sub) -> None:
+    p = sub.add_parser("report", help="plots and a summary of a run folder; --compare: of several runs",
+                       description="Draw PNG plots from RUN_DIR/metrics.jsonl and write a summary. With "
+                                   "--compare: the validation curves of several runs in one PNG and a table "
+                                   "sorted by best validation perplexity (a sweep folder stands for its "
+                                   "points).")
+    p.add_argument("run_dir", nargs="+", metavar="RUN_DIR",
+                   help="a run folder (holds metrics.jsonl); with --compare, several, or sweep folders")
+    p.add_argument("--compare", action="store_true",
+                   help="compare the runs: compare.png + compare.md (default --out: their parent/compare)")
+    p.add_argument("--out", help="where to write (default: RUN_DIR/report)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lmcore", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                      description="Train, evaluate and generate with a word-level LSTM language model.")
@@ -107,30 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge the finished shards in generate.output_dir into one file + manifest")
     p = _job_parser(sub, "config")
     p.add_argument("--explain", action="store_true", help="every key: type, value, default, allowed, help")
-    p = sub.add_parser("sweep", help="train every point of a hyperparameter grid here, one after another",
-                       description="Train one run per point of a sweep, one after another in this process: "
-                                   "the cartesian product of --grid axes, or the points of a file. Every "
-                                   "point's config is checked before the first one trains; each runs in "
-                                   "SWEEP_DIR/NAME (NAME from its overrides) and resumes like any run, so a "
-                                   "rerun skips finished points. On SLURM: lmcore submit sweep.",
-                       epilog=SWEEP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _sweep_options(p)
-    p.add_argument("--keep-going", action="store_true",
-                   help="after a point fails, go on with the next one (exit status 1 at the end)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
-    p.add_argument("--stop-signals", default="TERM,USR2", metavar="SIGS",
-                   help="signals that checkpoint the point in training and end the sweep with status 3 "
-                        "(rerun to resume; default: TERM,USR2)")
-    p = sub.add_parser("report", help="plots and a summary of a run folder; --compare: of several runs",
-                       description="Draw PNG plots from RUN_DIR/metrics.jsonl and write a summary. With "
-                                   "--compare: the validation curves of several runs in one PNG and a table "
-                                   "sorted by best validation perplexity (a sweep folder stands for its "
-                                   "points).")
-    p.add_argument("run_dir", nargs="+", metavar="RUN_DIR",
-                   help="a run folder (holds metrics.jsonl); with --compare, several, or sweep folders")
-    p.add_argument("--compare", action="store_true",
-                   help="compare the runs: compare.png + compare.md (default --out: their parent/compare)")
-    p.add_argument("--out", help="where to write (default: RUN_DIR/report)")
+    _sweep_parser(sub)
+    _report_parser(sub)
     p = sub.add_parser("verify", help="check a checkpoint's files and print its fingerprint",
                        description="Read every file of a checkpoint (or a run folder's latest), check it "
                                    "against the manifest, and print the checkpoint's fingerprint (sha256 of "
@@ -217,9 +225,11 @@ def _command(args: argparse.Namespace) -> int:
 def _tool(args: argparse.Namespace) -> str:
     """The text the commands that run no job print."""
     if args.command == "report":
-        from lmcore.track.report import write_compare, write_report
+        from lmcore.track.report import write_report
 
         if args.compare:
+            from lmcore.track.compare import write_compare
+
             return write_compare(args.run_dir, args.out) + "\n"
         if len(args.run_dir) > 1:
             raise LmcoreError(f"report takes one RUN_DIR (got {len(args.run_dir)}); to compare runs: "

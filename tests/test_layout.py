@@ -16,7 +16,7 @@ LAYERS = [
     ("foundations", ["lmcore", "lmcore.errors", "lmcore.fileio", "lmcore.reading", "lmcore.rundir",
                      "lmcore.schema", "lmcore.slurm", "lmcore.slurm.env", "lmcore.deps", "lmcore.presets",
                      "lmcore.explain"]),
-    ("config", ["lmcore.config", "lmcore.overrides"]),
+    ("config", ["lmcore.config", "lmcore.overrides", "lmcore.points"]),
     ("data, runtime, tracking", ["lmcore.data.*", "lmcore.loss", "lmcore.runtime.*", "lmcore.track.*"]),
     ("model", ["lmcore.model", "lmcore.optim"]),
     ("checkpoints", ["lmcore.checkpoint"]),

@@ -1,21 +1,24 @@
 """Hyperparameter sweeps: the grid and its cartesian product (a bracketed list value included), the
 points file, bad input before anything runs, a local `lmcore sweep` of two points that a rerun
 skips, `lmcore report --compare`, the SLURM plan (one array, split by MaxArraySize), and on the
-local cluster `lmcore submit sweep --wait` (skipped without one, failing in CI)."""
+local cluster `lmcore submit sweep --wait` with a point requeued and resumed (skipped without a
+cluster, failing in CI)."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from lmcore.errors import LmcoreError
-from lmcore.sweep import SweepError, build, grid_points, parse_grid, point_name, read_points
-from lmcore.track.report import write_compare
+from lmcore.errors import ConfigError, LmcoreError
+from lmcore.points import SweepError, grid_points, parse_grid, point_name, read_points
+from lmcore.sweep import build
+from lmcore.track.compare import write_compare
 from tests.conftest import run_cli
 from tests.test_report import PNG_MAGIC, png_size, write_run
 
@@ -68,11 +71,15 @@ def test_grid_values_split_outside_brackets_and_the_product_varies_the_first_axi
     assert {c.tracking.group for c in own.configs} == {"mine"}
 
     for bad, message in (("optim.lr=", "has no values"), ("optim.lr=1,,2", "an empty value"),
-                         ("model.adaptive_cutoffs=[1,2", "unclosed '['"), ("optim.lr=1]", "unmatched ']'"),
-                         ("lr=1,2", "did you mean optim.lr?"), ("optim.lr", "must look like")):
-        with pytest.raises(SweepError, match=message.replace("[", r"\[").replace("]", r"\]")
-                           .replace("?", r"\?")):
+                         ("model.adaptive_cutoffs=[1,2", r"unclosed '\['"),
+                         ("optim.lr=1]", r"unmatched '\]'")):
+        with pytest.raises(SweepError, match=message):
             parse_grid([bad])
+    # keys are the config's to check, with the overrides' messages
+    with pytest.raises(ConfigError, match="override 'optim.lr' must look like section.key=value"):
+        parse_grid(["optim.lr"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'lr' \(did you mean 'optim.lr'\?\)"):
+        build(None, [], ["lr=1e-3,3e-3"], sweep_dir="runs/never")
     with pytest.raises(SweepError, match="given twice"):
         parse_grid(["optim.lr=1,2", "optim.lr=3"])
     with pytest.raises(SweepError, match="run.dir is set by the sweep"):
@@ -209,6 +216,8 @@ def test_report_compare_draws_the_points_and_sorts_them_by_best_validation(local
     best = [float(r[3]) for r in rows]
     assert best == sorted(best) and all(r[4] == "4" for r in rows)
     assert rows[0][2] in ("`optim.lr=0.003`", "`optim.lr=0.03`") and rows[0][6] != "–"
+    assert {r[8] for r in rows} == {"test, every 50th review"}  # the validation split, never test results
+    assert "different reviews" not in md.read_text()
     # the same runs named one by one, elsewhere
     out = tmp_path / "cmp"
     proc = run_cli("report", "--compare", str(folder / "lr-0.03"), str(folder / "lr-0.003"), "--out",
@@ -229,14 +238,22 @@ def test_compare_lists_runs_without_validation_and_what_differs_in_their_configs
     c.mkdir()
     (c / "metrics.jsonl").write_text(json.dumps({"step": 5, "time": 1.0, "train/loss": 3.0}) + "\n")
     d.mkdir()
-    for run, lr in ((a, 0.001), (b, 0.003), (c, 0.01)):
+    splits = ({"val_split": "test", "val_stride": 10, "holdout_every": 0},
+              {"val_split": "holdout", "val_stride": 1, "holdout_every": 25})
+    for run, lr, data in ((a, 0.001, splits[0]), (b, 0.003, splits[1]), (c, 0.01, splits[0])):
         (run / "config.yaml").write_text(yaml.safe_dump({"run": {"dir": str(run)}, "optim": {"lr": lr},
-                                                         "model": {"hidden_dim": 8}}))
+                                                         "model": {"hidden_dim": 8}, "data": data}))
     md = Path(write_compare([d, c, a, b]))
     assert md == tmp_path / "compare" / "compare.md"
     rows = table(md)
     assert [r[1] for r in rows] == ["b", "a", "no-val", "not-started"]
-    assert [r[2] for r in rows] == ["`optim.lr=0.003`", "`optim.lr=0.001`", "`optim.lr=0.01`", "–"]
+    assert [r[2].split()[-1] for r in rows] == ["`optim.lr=0.003`", "`optim.lr=0.001`", "`optim.lr=0.01`",
+                                                "–"]
+    assert "`data.val_split=holdout`" in rows[0][2] and "`model.hidden_dim=8`" not in rows[0][2]
+    # the split each best figure is from, and a warning where they differ
+    assert [r[8] for r in rows] == ["holdout (every 25th review of train)", "test, every 10th review",
+                                    "test, every 10th review", "unknown (no config.yaml)"]
+    assert "validated on different reviews" in md.read_text()
     assert rows[0][4] == "200" and rows[0][6] == "200,000"
     assert rows[2][3] == "no validation rows" and rows[3][3] == "no metrics.jsonl yet"
     assert (md.parent / "compare.png").read_bytes()[:8] == PNG_MAGIC
@@ -279,32 +296,53 @@ def test_a_submitted_sweep_is_one_array_split_by_max_array_size(tmp_path: Path):
 WAIT_S = 300
 
 
-def test_submit_sweep_on_the_local_cluster_is_one_array_with_one_group(tmp_path: Path):
-    from tests.slurm_helpers import cluster_env, require_cluster, write_profile
+def test_submit_sweep_on_the_local_cluster_is_one_array_with_one_group_and_a_point_resumes(tmp_path: Path):
+    """A points file of two points as one array on the local cluster; the first point is signalled
+    mid-run (the time-limit warning): it checkpoints, requeues itself and resumes. It trains until
+    its training-time budget (kept across the requeue), so it is surely still running when signalled."""
+    from tests.slurm_helpers import cluster_env, require_cluster, wait_until, write_profile
 
     require_cluster()
     data = yaml.safe_load((Path(__file__).parents[1] / "configs/slurm/local.yaml").read_text())
     profile = write_profile(tmp_path / "p.yaml", {**data, "log_dir": str(tmp_path / "logs")})
+    points = tmp_path / "points.txt"
+    points.write_text("optim.lr=0.003 train.max_steps=100000 train.max_train_seconds=3 train.log_interval=20 "
+                      "train.eval_interval=0\noptim.lr=0.03\n")
     folder = tmp_path / "cluster-sweep"
     env = {**cluster_env(), "PATH": os.environ.get("PATH", "")}
-    proc = run_cli("submit", "sweep", "--cluster", str(profile), *TINY, "--grid", "optim.lr=0.003,0.03",
-                   "--dir", str(folder), "--wait", "--json", "--timeout", str(WAIT_S), env=env,
-                   timeout=WAIT_S + 60)
-    last = proc.stdout.strip().splitlines()[-1:] or ["{}"]
-    jobs = json.loads(last[0]).get("jobs", []) if last[0].startswith("{") else []
-    if jobs:  # whatever happens below, nothing stays queued
-        subprocess.run(["scancel", *[j["job_id"] for j in jobs]], env={**os.environ, **env},
-                       capture_output=True, timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    (job,) = jobs
+    cmd = [sys.executable, "-m", "lmcore.cli", "submit", "sweep", "--cluster", str(profile), *TINY,
+           "--points", str(points), "--dir", str(folder), "--wait", "--json", "--timeout", str(WAIT_S)]
+    with subprocess.Popen(cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        try:
+            first = folder / "lr-0.003_max_steps-100000_max_train_seconds-3_log_interval-20_eval_interval-0"
+            wait_until(lambda: '"train/loss"' in _text(first / "metrics.jsonl"), WAIT_S, "point 1 to train")
+            array_id = json.loads(_text(first / "jobs.jsonl").splitlines()[0])["array_job_id"]
+            subprocess.run(["scancel", f"{array_id}_0", "--signal", "USR2"], env={**os.environ, **env},
+                           check=True, timeout=30)
+            out, err = proc.communicate(timeout=WAIT_S + 60)
+        finally:
+            proc.kill()
+            ids = [json.loads(ln)["array_job_id"] for ln in _text(first / "jobs.jsonl").splitlines()[:1]]
+            if ids:  # whatever happens above, nothing stays queued
+                subprocess.run(["scancel", *ids], env={**os.environ, **env}, capture_output=True, timeout=30)
+    assert proc.returncode == 0, err
+    (job,) = json.loads(out.strip().splitlines()[-1])["jobs"]
     assert job["kind"] == "sweep" and job["tasks"] == [f"{job['job_id']}_0", f"{job['job_id']}_1"]
     results = job["results"]
-    assert [r["step"] for r in results] == [4, 4] and [r["world_size"] for r in results] == [2, 2]
-    assert [Path(r["run_dir"]).name for r in results] == ["lr-0.003", "lr-0.03"]
-    for task, name in enumerate(("lr-0.003", "lr-0.03")):
+    assert [Path(r["run_dir"]).name for r in results] == [first.name, "lr-0.03"]
+    assert [r["world_size"] for r in results] == [2, 2] and [r["restarts"] for r in results] == [1, 0]
+    assert 4 < results[0]["step"] < 100000 and results[1]["step"] == 4
+    log = Path(job["stderr"]).read_text()
+    assert "requeueing (1 of at most 3" in log and f"resumed from {first}/checkpoints/step_" in log
+    rows = [json.loads(ln) for ln in (first / "jobs.jsonl").read_text().splitlines()]
+    assert [(r["array_job_id"], r["array_task"], r["restart"]) for r in rows] == [
+        (job["job_id"], "0", "0"), (job["job_id"], "0", "1")]
+    for name in (first.name, "lr-0.03"):
         cfg = yaml.safe_load((folder / name / "config.yaml").read_text())
         assert cfg["tracking"]["group"] == "cluster-sweep"  # one W&B group for the sweep
-        assert (folder / name / "checkpoints" / "step_00000004" / "manifest.json").is_file()
-        (row,) = [json.loads(ln) for ln in (folder / name / "jobs.jsonl").read_text().splitlines()]
-        assert row["array_job_id"] == job["job_id"] and row["array_task"] == str(task)
     assert json.loads((folder / "sweep.json").read_text())["group"] == "cluster-sweep"
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""

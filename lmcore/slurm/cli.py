@@ -89,6 +89,8 @@ def main(argv: Sequence[str]) -> int:
         parser.error(f"--shards must be in 0..{MAX_SHARDS}")
     if args.kind != "sweep" and (args.grid or args.points or args.dir or args.parallel):
         parser.error("--grid, --points, --dir and --parallel are for 'lmcore submit sweep'")
+    if args.kind == "sweep" and args.shards:
+        parser.error("--shards is for generate and pipeline; a sweep is one array task per point")
     if not 0 <= args.parallel <= MAX_SHARDS:
         parser.error(f"--parallel must be in 0..{MAX_SHARDS}")
     require("submitit")  # before lmcore.slurm.submit imports it: one clear line, not an ImportError
