@@ -61,6 +61,63 @@ def _job_parser(sub, name: str) -> argparse.ArgumentParser:
     return p
 
 
+SWEEP_EPILOG = """\
+examples:
+  lmcore sweep --config tiny train.max_steps=200 --grid optim.lr=1e-3,3e-3 model.hidden_dim=64,128
+  lmcore sweep --config tiny --points points.yaml --dir runs/lr-sweep
+  lmcore report --compare runs/lr-sweep
+--grid takes KEY=V1,V2,... per axis (a list value in brackets: model.adaptive_cutoffs=[100,200],[500,900]);
+put the overrides common to every point before --grid. A points file is YAML (.yaml/.yml: a list of
+mappings) or one line of KEY=VALUE overrides per point.
+"""
+
+
+def _sweep_options(p: argparse.ArgumentParser) -> None:
+    """The options that say what a sweep is (lmcore sweep and lmcore submit sweep)."""
+    p.add_argument("--config", "-c", metavar="NAME_OR_FILE",
+                   help="the base config: a built-in name (lmcore configs) or a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="overrides common to every point, e.g. train.max_steps=200")
+    p.add_argument("--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
+                   help="an axis of the grid per entry; the points are their cartesian product")
+    p.add_argument("--points", metavar="FILE",
+                   help="the points from a file: YAML (.yaml/.yml, a list of mappings) or one line of "
+                        "KEY=VALUE overrides per point")
+    p.add_argument("--dir", metavar="SWEEP_DIR",
+                   help="the sweep's folder: one run folder per point and sweep.json; its name is the W&B "
+                        "group (default: runs/sweep-CONFIG-HASH of the sweep)")
+
+
+def _sweep_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="train every point of a hyperparameter grid here, one after another",
+                       description="Train one run per point of a sweep, one after another in this process: "
+                                   "the cartesian product of --grid axes, or the points of a file. Every "
+                                   "point's config is checked before the first one trains; each runs in "
+                                   "SWEEP_DIR/NAME (NAME from its overrides) and resumes like any run, so a "
+                                   "rerun skips finished points. On SLURM: lmcore submit sweep.",
+                       epilog=SWEEP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _sweep_options(p)
+    p.add_argument("--keep-going", action="store_true",
+                   help="after a point fails, go on with the next one (exit status 1 at the end)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or log lines")
+    p.add_argument("--stop-signals", default="TERM,USR2", metavar="SIGS",
+                   help="signals that checkpoint the point in training and end the sweep with status 3 "
+                        "(rerun to resume; default: TERM,USR2)")
+
+
+def _report_parser(sub) -> None:
+    p = sub.add_parser("report", help="plots and a summary of a run folder; --compare: of several runs",
+                       description="Draw PNG plots from RUN_DIR/metrics.jsonl and write a summary. With "
+                                   "--compare: the validation curves of several runs in one PNG and a table "
+                                   "sorted by best validation perplexity (a sweep folder stands for its "
+                                   "points).")
+    p.add_argument("run_dir", nargs="+", metavar="RUN_DIR",
+                   help="a run folder (holds metrics.jsonl); with --compare, several, or sweep folders")
+    p.add_argument("--compare", action="store_true",
+                   help="compare the runs: compare.png + compare.md (default --out: their parent/compare)")
+    p.add_argument("--out", help="where to write (default: RUN_DIR/report)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lmcore", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                      description="Train, evaluate and generate with a word-level LSTM language model.")
@@ -80,10 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge the finished shards in generate.output_dir into one file + manifest")
     p = _job_parser(sub, "config")
     p.add_argument("--explain", action="store_true", help="every key: type, value, default, allowed, help")
-    p = sub.add_parser("report", help="plots and a summary of a run folder (no W&B needed)",
-                       description="Draw PNG plots from RUN_DIR/metrics.jsonl and write a summary.")
-    p.add_argument("run_dir", help="a run folder (holds metrics.jsonl)")
-    p.add_argument("--out", help="where to write (default: RUN_DIR/report)")
+    _sweep_parser(sub)
+    _report_parser(sub)
     p = sub.add_parser("verify", help="check a checkpoint's files and print its fingerprint",
                        description="Read every file of a checkpoint (or a run folder's latest), check it "
                                    "against the manifest, and print the checkpoint's fingerprint (sha256 of "
@@ -146,6 +201,8 @@ def _command(args: argparse.Namespace) -> int:
     if args.command in ("report", "verify", "export", "status", "configs", "sbatch-template", "completion"):
         print(_tool(args), end="")
         return 0
+    if args.command == "sweep":
+        return _sweep(args)
     from lmcore.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -170,7 +227,14 @@ def _tool(args: argparse.Namespace) -> str:
     if args.command == "report":
         from lmcore.track.report import write_report
 
-        return write_report(args.run_dir, args.out) + "\n"
+        if args.compare:
+            from lmcore.track.compare import write_compare
+
+            return write_compare(args.run_dir, args.out) + "\n"
+        if len(args.run_dir) > 1:
+            raise LmcoreError(f"report takes one RUN_DIR (got {len(args.run_dir)}); to compare runs: "
+                              "lmcore report --compare RUN...")
+        return write_report(args.run_dir[0], args.out) + "\n"
     if args.command == "verify":
         from lmcore.checkpoint import resolve
 
@@ -210,6 +274,41 @@ def _run_job(kind: str, cfg, args: argparse.Namespace) -> int:
     if outcome.reports and outcome.result is not None:
         print(json.dumps(outcome.result))
     return outcome.exit_code
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """lmcore sweep: every point checked, sweep.json written, then the points trained in turn."""
+    from lmcore.runtime.signals import STOPPED_EXIT, StopFlag, parse_signals
+    from lmcore.sweep import build, run_sweep, write_manifest
+
+    signals = parse_signals(args.stop_signals)
+    sweep = build(args.config, args.overrides, args.grid, args.points, args.dir)
+    write_manifest(sweep)
+    _notice(f"sweep {sweep.name}: {len(sweep.points)} point(s) in {sweep.dir}")
+    failed, stopped = [], False
+    with StopFlag(signals) as stop:
+        for done in run_sweep(sweep, stop, progress=not args.no_progress, keep_going=args.keep_going,
+                              announce=_notice):
+            if done.error:
+                failed.append(done.point.name)
+                print(f"lmcore: error: sweep point {done.point.name}: {done.error}", file=sys.stderr)
+            elif done.stopped:
+                stopped = True
+            if done.result is not None:
+                print(json.dumps({"point": done.point.name, **done.result}), flush=True)
+    if stopped:
+        _notice(f"sweep {sweep.name} stopped; run the same command again to resume it")
+        return STOPPED_EXIT
+    if failed:
+        _notice(f"sweep {sweep.name}: {len(failed)} of {len(sweep.points)} point(s) failed: "
+                f"{', '.join(failed)}")
+        return 1
+    _notice(f"sweep {sweep.name} done; compare the points: lmcore report --compare {sweep.dir}")
+    return 0
+
+
+def _notice(line: str) -> None:
+    print(f"lmcore: {line}", file=sys.stderr, flush=True)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

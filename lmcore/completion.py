@@ -17,8 +17,9 @@ from lmcore import presets
 from lmcore.config import Config
 from lmcore.schema import leaf_paths
 
-SUBMIT_OPTIONS = "--cluster --config --dry-run --shards --wait --timeout --json --help"
-SUBMIT_KINDS = "train eval generate pipeline"
+SUBMIT_OPTIONS = ("--cluster --config --dry-run --shards --wait --timeout --json --grid --points --dir "
+                  "--parallel --help")
+SUBMIT_KINDS = "train eval generate pipeline sweep"
 
 
 def _choices() -> dict[str, list[str]]:
@@ -66,7 +67,8 @@ _lmcore() {{
     case "$prev" in
         --config|-c) COMPREPLY=($(compgen -W {configs} -- "$cur") $(compgen -f -- "$cur")); return ;;
         --cluster) COMPREPLY=($(compgen -W {profiles} -- "$cur") $(compgen -f -- "$cur")); return ;;
-        --checkpoint|--out|report|verify) COMPREPLY=($(compgen -d -- "$cur")); return ;;
+        --points) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --checkpoint|--out|--dir|report|verify) COMPREPLY=($(compgen -d -- "$cur")); return ;;
         completion) COMPREPLY=($(compgen -W "bash zsh" -- "$cur")); return ;;
         submit) COMPREPLY=($(compgen -W {shlex.quote(SUBMIT_KINDS)} -- "$cur")); return ;;
     esac
@@ -75,7 +77,7 @@ _lmcore() {{
     esac
     if [[ "$cur" == --* ]]; then
         COMPREPLY=($(compgen -W "$opts" -- "$cur"))
-    elif [[ " train eval generate config submit " == *" ${{COMP_WORDS[1]}} "* ]]; then
+    elif [[ " train eval generate config submit sweep " == *" ${{COMP_WORDS[1]}} "* ]]; then
         COMPREPLY=($(compgen -W {shlex.quote(keys)} -- "$cur"))
         [[ ${{#COMPREPLY[@]}} -eq 1 && "${{COMPREPLY[0]}}" == *= ]] && compopt -o nospace 2>/dev/null
     fi

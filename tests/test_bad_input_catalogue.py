@@ -11,7 +11,8 @@ Placeholders in arguments and expected text: {tmp} the case folder (also the wor
 {run} a copy of a tiny trained run (cases with run=True), {ckpt} its newest checkpoint, {cache}
 that run's data cache, {repo} the repository. Cases marked slow run with LMCORE_SLOW_FAULTS=1.
 Existing tests that this does not repeat: tests/test_bad_inputs.py, tests/test_generate_job.py
-(prompt files), tests/test_slurm_profile.py (profiles, in-process).
+(prompt files), tests/test_slurm_profile.py (profiles, in-process), tests/test_sweep.py (grids,
+points files, sweep folders).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ class Site:
     name: str
     writer: str  # one of lmcore.fileio.WRITERS
     pattern: str  # fnmatch on the absolute path the writer writes
-    job: str  # "train", "resume", "cold-cache", "generate", "skip-bad-lines", "merge", "eval", "report"
+    job: str  # "train", "resume", "cold-cache", "generate", "skip-bad-lines", "merge", "eval", "report", ...
     covers: tuple[str, ...]  # the call sites in lmcore ("path/to/module.py:Class.function") it exercises
     names: str = ""  # the error line must name this (default: the path's last part)
     nth: int = 1
@@ -139,12 +139,16 @@ SITES = [
     Site("export publish", "publish_dir", "*/exported", "export", ("lmcore/export.py:export",),
          names="exported"),
     Site("report files", "write_new", "*/.report-*/perplexity.png", "report",
-         ("lmcore/track/report.py:write_report",), names="report", midway=True),
-    Site("report folder", "new_temp_dir", "*/run", "report", ("lmcore/track/report.py:write_report",),
+         ("lmcore/track/report.py:_publish",), names="report", midway=True),
+    Site("report folder", "new_temp_dir", "*/run", "report", ("lmcore/track/report.py:_publish",),
          names="report"),
     Site("report publish", "publish_files", "*/run/report", "report",
-         ("lmcore/track/report.py:write_report",),
+         ("lmcore/track/report.py:_publish",),
          names="report"),
+    Site("comparison table", "write_new", "*/.compare-*/compare.md", "compare",
+         ("lmcore/track/report.py:_publish",), names="compare", midway=True),
+    # the sweep's folder it made is removed again: nothing ran
+    Site("sweep manifest", "atomic_write", "*/sw/sweep.json", "sweep", ("lmcore/sweep.py:write_manifest",)),
 ]
 
 
@@ -182,6 +186,11 @@ def command(site: Site, tmp: Path, ref: Path) -> list[str]:
         return ["eval", *train_overrides(tmp / "run", ref / "cache"), "eval.split=train", "eval.limit=8"]
     if site.job == "report":
         return ["report", str(tmp / "run")]
+    if site.job == "compare":
+        return ["report", "--compare", str(tmp / "run")]
+    if site.job == "sweep":  # run.dir is the sweep's to set
+        common = [o for o in train_overrides(tmp / "run", ref / "cache") if not o.startswith("run.dir=")]
+        return ["sweep", *common, "--grid", "optim.lr=0.01,0.02", "--dir", str(tmp / "sw")]
     if site.job == "export":
         return ["export", str(tmp / "run"), str(tmp / "exported")]
     raise AssertionError(site.job)
@@ -204,7 +213,7 @@ def prepare(site: Site, tmp: Path, ref: Path) -> None:
 
 def debris(folder: Path) -> list[str]:
     return [str(p.relative_to(folder)) for p in folder.rglob("*")
-            if p.name.startswith((".tmp-", ".report-", ".exported-")) or p.name.endswith(".tmp")]
+            if p.name.startswith((".tmp-", ".report-", ".compare-", ".exported-")) or p.name.endswith(".tmp")]
 
 
 IDS = [f"{s.name.replace(' ', '-')}-{e}" for s, e in CASES]

@@ -112,8 +112,8 @@ class Profile:
     term_wait_s: int = setting(600, "after a SIGTERM (a cancel, a preemption) and its checkpoint: how long "
                                     "the job waits for SLURM to end it (a preempted job is requeued only if "
                                     "it still runs when its GraceTime is over)", ge=0, le=86400)
-    array_parallelism: int = setting(0, "generation shards running at once; 0 = all", ge=0,
-                                     le=1_000_000)
+    array_parallelism: int = setting(0, "array tasks (generation shards, sweep points) running at once; "
+                                        "0 = all", ge=0, le=1_000_000)
     eval: ResourceOverrides = setting(help="resources of eval jobs", factory=ResourceOverrides)
     generate: ResourceOverrides = setting(help="resources of each generation shard (1 node, 1 task)",
                                           factory=ResourceOverrides)

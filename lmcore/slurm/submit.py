@@ -1,4 +1,5 @@
-"""Profile + config -> SLURM jobs through submitit: train, eval, generation arrays, pipelines.
+"""Profile + config -> SLURM jobs through submitit: train, eval, generation arrays, pipelines,
+sweeps (an array of training runs, one per point).
 
 The sbatch script is submitit's own (`_make_sbatch_string`, the function its executor
 calls), built from the parameters below, so `--dry-run` prints exactly what would be
@@ -118,9 +119,10 @@ def log_folder(profile: Profile) -> Path:
 
 
 def sbatch_params(profile: Profile, kind: str, num_tasks_array: int = 0,
-                  dependency: str | None = None) -> dict[str, Any]:
-    """submitit SlurmExecutor parameters (its native names) for one job of KIND."""
-    res = profile.resources("generate" if kind in ("generate", "merge") else kind)
+                  dependency: str | None = None, parallel: int = 0) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters (its native names) for one job of KIND; an array runs
+    at most `parallel` tasks at once (0 = the profile's array_parallelism; 0 there = all)."""
+    res = profile.resources({"merge": "generate", "sweep": "train"}.get(kind, kind))
     if kind == "merge":  # reads shard files: one CPU task, no GPU
         res = dataclasses.replace(res, nodes=1, tasks_per_node=1, gpus_per_node=0, cpus_per_task=1, mem_gb=0)
     params: dict[str, Any] = {
@@ -150,17 +152,22 @@ def sbatch_params(profile: Profile, kind: str, num_tasks_array: int = 0,
         extra.update(dependency=dependency, **KILL_ON_INVALID_DEP)
     params["additional_parameters"] = extra
     if num_tasks_array:
-        params["array_parallelism"] = profile.array_parallelism or num_tasks_array
+        params["array_parallelism"] = parallel or profile.array_parallelism or num_tasks_array
     return params
 
 
-def plan(kind: str, profile: Profile, cfg, shards: int = 0,
-         max_array_size: int | None = None) -> list[JobSpec]:
+def plan(kind: str, profile: Profile, cfg, shards: int = 0, max_array_size: int | None = None,
+         points: list | None = None, parallel: int = 0) -> list[JobSpec]:
     """The jobs one `lmcore submit KIND` makes, in submission order. A generation of more shards
-    than the cluster's MaxArraySize is several arrays, the merge after all of them."""
-    data = cfg.to_dict()
+    than the cluster's MaxArraySize is several arrays, the merge after all of them. A sweep
+    (points: each point's config, cfg unused) is an array of training runs, one task per point,
+    at most `parallel` at once (0 = the profile's array_parallelism), split likewise."""
     job = {"max_requeues": profile.max_requeues, "signal_delay_s": profile.signal_delay_s,
            "term_wait_s": profile.term_wait_s}
+    if kind == "sweep":
+        calls = [LmcoreJob("train", p.to_dict(), **job) for p in points or []]
+        return _arrays("sweep", calls, profile, max_array_size, (), parallel)
+    data = cfg.to_dict()
     specs: list[JobSpec] = []
     kinds = ["train", "eval", "generate"] if kind == "pipeline" else [kind]
     for k in kinds:
@@ -175,16 +182,21 @@ def plan(kind: str, profile: Profile, cfg, shards: int = 0,
             shard = {**data, "generate": {**data["generate"], "shard_index": i, "num_shards": n,
                                           "output_dir": out}}
             calls.append(LmcoreJob("generate", shard, **job))
-        size = max_array_size or n
-        parts = [calls[lo:lo + size] for lo in range(0, n, size)]
-        names = [f"generate.{i + 1}" if i else "generate" for i in range(len(parts))]
-        for name, part in zip(names, parts, strict=True):
-            params = sbatch_params(profile, "generate", len(part))
-            specs.append(JobSpec("generate", part, params, after, name))
+        arrays = _arrays("generate", calls, profile, max_array_size, after)
+        specs += arrays
         merged = {**data, "generate": {**data["generate"], "num_shards": n, "output_dir": out}}
         specs.append(JobSpec("merge", [LmcoreJob("merge", merged, **job)], sbatch_params(profile, "merge"),
-                             tuple(names)))
+                             tuple(a.name for a in arrays)))
     return specs
+
+
+def _arrays(kind: str, calls: list[LmcoreJob], profile: Profile, max_array_size: int | None,
+            after: tuple[str, ...], parallel: int = 0) -> list[JobSpec]:
+    """One array of these calls, or several of at most MaxArraySize tasks (named kind, kind.2, ...)."""
+    size = max_array_size or len(calls) or 1
+    parts = [calls[lo:lo + size] for lo in range(0, len(calls), size)]
+    return [JobSpec(kind, part, sbatch_params(profile, kind, len(part), parallel=parallel), after,
+                    f"{kind}.{i + 1}" if i else kind) for i, part in enumerate(parts)]
 
 
 def node_cpus(partition: str) -> int | None:
@@ -240,9 +252,13 @@ def dry_run_text(specs: list[JobSpec], profile: Profile, summary: str = "") -> s
         facts = f"run.dir={cfg['run']['dir']}"
         if spec.kind in ("generate", "merge"):
             facts += f", {cfg['generate']['num_shards']} shard(s) -> {cfg['generate']['output_dir']}"
+        if spec.kind == "sweep":  # one point per task, in task order
+            dirs = [Path(c.cfg["run"]["dir"]) for c in spec.calls]
+            names = ", ".join(d.name for d in dirs[:6]) + (", ..." if len(dirs) > 6 else "")
+            facts = f"{len(dirs)} point(s) in {dirs[0].parent}: {names}"
         header = (f"# ===== lmcore submit (dry run, nothing submitted): {what}\n"
-                  f"# It runs lmcore.slurm.entry.LmcoreJob('{spec.kind}', config), pickled by submitit "
-                  "into\n"
+                  f"# It runs lmcore.slurm.entry.LmcoreJob('{spec.calls[0].kind}', config), pickled by "
+                  "submitit into\n"
                   f"# {folder.parent}/<job id>/ at submission; config: {one_line(summary or 'defaults')}; "
                   f"{one_line(facts)}\n")
         # after the shebang: each script stays one sbatch would take (#! on its first line)

@@ -4,7 +4,8 @@
     tracker     Tracker: a W&B run that never stops a job (a failure turns it into a no-op)
     wandb_init  open_tracker: the mode (online, offline, off), the run id across requeues
     report      write_report: PNG curves and a summary from metrics.jsonl (`lmcore report`)
+    compare     write_compare: several runs' validation curves and a table (`lmcore report --compare`)
     progress    Progress: a bar on a terminal, plain lines in log files
 """
 
-__all__ = ["metrics", "tracker", "wandb_init", "report", "progress"]
+__all__ = ["metrics", "tracker", "wandb_init", "report", "compare", "progress"]

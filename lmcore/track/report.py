@@ -5,6 +5,7 @@ Writes into OUT (default RUN_DIR/report):
   perplexity.png  the same for perplexity (log scale; validation = masked perplexity)
   training.png    learning rate, gradient norm and tokens/s against step (when logged)
   report.md       a short summary (final and best figures, checkpoints, eval results)
+Several runs side by side (`lmcore report --compare`): lmcore.track.compare.
 Wall time is the clock time since the run's first logged row, time spent waiting for a
 requeue included; the summary also gives the pure training time (train_seconds).
 What no trainer writes is left out, not drawn: rows without a step in 0 .. 2^63-1, values that
@@ -41,11 +42,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         hint = " (no such folder)" if not run_dir.exists() else ""
         raise LmcoreError(f"{run_dir}{hint} has no metrics.jsonl; pass a run folder that a training "
                           "job has written (run.dir)")
-    try:
-        rows = [r for r in read_metrics(path, tolerant=True) if _step(r.get("step"))]
-    except (OSError, UnicodeDecodeError) as e:
-        raise LmcoreError(f"cannot read {path} ({first_line(e)}); pass a run folder whose metrics.jsonl is "
-                          "readable") from None
+    rows = _rows(path)
     if not rows:
         raise LmcoreError(f"{path} has no metrics rows yet; train for at least train.log_interval steps "
                           "and try again")
@@ -56,12 +53,22 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
                        ("training.png", _draw_training)):
         fig = draw(data)
         if fig is not None:
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png")
-            files[name] = buf.getvalue()
+            files[name] = _png(fig)
     files["report.md"] = _summary_markdown(run_dir, data, [n for n in files if n.endswith(".png")]).encode()
+    _publish(files, out_dir, "the report", "metrics.jsonl is untouched")
+    return str(out_dir / "report.md")
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _publish(files: dict[str, bytes], out_dir: Path, what: str, kept: str) -> None:
+    """All files appear together: written aside first, then renamed into place."""
     tmp = None
-    try:  # all files appear together: written aside first, then renamed into place
+    try:
         tmp = fileio.new_temp_dir(out_dir.parent, prefix=f".{out_dir.name}-")
         for name, data_bytes in files.items():
             fileio.write_new(tmp / name, data_bytes)
@@ -69,9 +76,16 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     except OSError as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise LmcoreError(write_failed(f"the report in {out_dir}", e, "metrics.jsonl is untouched",
+        raise LmcoreError(write_failed(f"{what} in {out_dir}", e, kept,
                                        "run it again (or pass --out with another folder)", out_dir)) from None
-    return str(out_dir / "report.md")
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [r for r in read_metrics(path, tolerant=True) if _step(r.get("step"))]
+    except (OSError, UnicodeDecodeError) as e:
+        raise LmcoreError(f"cannot read {path} ({first_line(e)}); pass a run folder whose metrics.jsonl is "
+                          "readable") from None
 
 
 class _Series:
@@ -291,5 +305,3 @@ def _eval_results(run_dir: Path) -> list[tuple[str, str, dict]]:
         if isinstance(res, dict):
             found.append((path.parent.name, path.stem[len("eval_"):], res))
     return found
-
-
