@@ -113,7 +113,8 @@ class CheckpointWriter:
         fileio.write_new(self.tmp / "tokenizer.json", tokenizer_json.encode("utf-8"))
         fileio.write_new(self.tmp / "config.yaml", config_yaml.encode("utf-8"))
 
-    def finish(self, architecture: dict[str, Any], tokenizer_fingerprint: str, step: int, keep: int) -> Path:
+    def finish(self, architecture: dict[str, Any], tokenizer_fingerprint: str, step: int, keep: int,
+               protect: str | None = None) -> Path:
         files = {f.name: {"sha256": fileio.sha256_file(f), "bytes": f.stat().st_size}
                  for f in sorted(self.tmp.iterdir())}
         fileio.atomic_write_json(self.tmp / MANIFEST, {
@@ -121,21 +122,23 @@ class CheckpointWriter:
             "tokenizer_fingerprint": tokenizer_fingerprint, "files": files})
         fileio.publish_dir(self.tmp, self.final, replace=True)  # the same step again after a requeue
         try:
-            prune(self.root, keep, self.final.name)
+            prune(self.root, keep, self.final.name, protect)
         except OSError as e:  # the new checkpoint is complete; an old one left over is no harm
             warnings.warn(f"could not remove an old checkpoint in {self.root} ({first_line(e)}); it stays, "
                           "and the next checkpoint tries again", stacklevel=2)
         return self.final
 
 
-def prune(root: Path, keep: int, current: str | None = None) -> None:
+def prune(root: Path, keep: int, current: str | None = None, protect: str | None = None) -> None:
+    """Keep the newest `keep` checkpoints (up to `current`) and `protect` (the best one)."""
     ckpts = list_checkpoints(root)
     if current is not None:
         for p in [p for p in ckpts if p.name > current]:  # skipped as damaged when this job resumed
             fileio.remove_tree(p)
         ckpts = [p for p in ckpts if p.name <= current]
     for old in ckpts[:-keep]:
-        fileio.remove_tree(old)
+        if old.name != protect:
+            fileio.remove_tree(old)
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -320,6 +323,21 @@ class Checkpoint:
         return model.to(device).eval(), tok
 
 
+def _best(run: RunDir) -> Checkpoint:
+    try:
+        record = json_value(run.best.read_bytes())
+        step = record["step"]
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise ValueError(f"step {step!r}")
+    except FileNotFoundError:
+        raise CheckpointError(f"run {run.path} has no best checkpoint (no {run.best.name}): train it with "
+                              "train.keep_best=true and a validation set (data.val_split), or name a "
+                              "checkpoint") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{run.best} is damaged ({first_line(e)}); name a checkpoint instead") from None
+    return Checkpoint.open(run.step_dir(step))
+
+
 @dataclass
 class Latest:
     checkpoint: Checkpoint | None  # the newest that verifies
@@ -339,12 +357,19 @@ def find_latest(run: RunDir) -> Latest:
     return Latest(None, len(found), problems)
 
 
-def resolve(path_or_run: str | Path) -> Checkpoint:
-    """A checkpoint folder, or the latest valid checkpoint of a run folder (damaged newer ones
-    are skipped with a warning)."""
+BEST = "best"  # checkpoint=best, or RUN/best: the best validation's checkpoint (train.keep_best)
+
+
+def resolve(path_or_run: str | Path, run_dir: str | Path | None = None) -> Checkpoint:
+    """A checkpoint folder, the latest valid checkpoint of a run folder (damaged newer ones are
+    skipped with a warning), or RUN/best ("best" alone: run_dir's best)."""
+    if str(path_or_run) == BEST and run_dir is not None:
+        path_or_run = Path(run_dir) / BEST
     p = Path(path_or_run)
     if (p / MANIFEST).is_file():
         return Checkpoint.open(p)
+    if p.name == BEST and not p.exists():
+        return _best(RunDir(p.parent))
     if not p.exists():
         raise CheckpointError(f"checkpoint path {p} does not exist; pass a run folder or a checkpoint folder")
     latest = find_latest(RunDir(p))

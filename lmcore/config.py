@@ -37,9 +37,15 @@ class DataConfig:
     text_field: str = setting("text", "the field (JSONL) or column (CSV, Parquet) holding the text",
                               nonempty=True)
     train_split: str = setting("train", "split the tokenizer is fit on and training reads", nonempty=True)
-    val_split: str = setting("test", "split validated on during training; '' = no validation")
+    val_split: str = setting("test", "split validated on during training; 'holdout' = the training reviews "
+                                     "holdout_every keeps out; '' = no validation")
     val_stride: int = setting(10, "validate on every Nth review of val_split", gt=0)
     val_limit: int = setting(0, "at most this many validation reviews; 0 = all the stride picks", ge=0)
+    holdout_every: int = setting(0, "keep every Nth review of train_split (0, N, 2N, ...) out of training: "
+                                    "a validation set that is not the test reviews; 0 = none", ge=0)
+    extra_train_splits: list[str] = setting(help="more splits to train on (e.g. unsupervised); the "
+                                                 "vocabulary is still fit on train_split alone",
+                                            factory=list)
     min_count: int = setting(6, "vocabulary: words seen at least this often (the notebook's '> 5')", gt=0)
     truncate: int = setting(256, "words kept per review; 0 = keep all", ge=0)
     batching: Literal["padded", "packed"] = setting(
@@ -86,6 +92,9 @@ class TrainConfig:
                              le=1_000_000)
     epochs: int = setting(10, "passes over the training data (when max_steps is 0)", ge=0)
     max_steps: int = setting(0, "optimizer steps; 0 = run the epochs", ge=0)
+    max_train_seconds: float = setting(
+        0.0, "end the run once this much training time is spent (train_seconds: steps only, kept across "
+             "resumes; validation excluded); 0 = no limit", ge=0.0)
     grad_accum: int = setting(1, "micro-batches per optimizer step", gt=0, le=1024)
     mixed_precision: Literal["no", "bf16"] = setting("no", "autocast precision of the matmuls")
     loss_chunk: int = setting(128, "rows per chunk of the fused projection + loss; 0 = plain PyTorch", ge=0)
@@ -93,6 +102,10 @@ class TrainConfig:
     eval_interval: int = setting(0, "validate every N steps; 0 = only at the end", ge=0)
     checkpoint_interval: int = setting(500, "save a checkpoint every N steps", gt=0)
     keep_checkpoints: int = setting(3, "how many of the latest checkpoints to keep", gt=0)
+    keep_best: bool = setting(False, "also keep the checkpoint of the best validation (saved when it "
+                                     "happens; RUN/best.json; checkpoint=best)")
+    early_stop_patience: int = setting(0, "stop after this many validations without a better perplexity; "
+                                          "0 = never", ge=0)
     resume: Literal["auto", "never"] = setting("auto", "auto: continue from run.dir's latest checkpoint; "
                                                        "never: refuse a run.dir that has checkpoints")
     nonfinite: Literal["error", "skip"] = setting("error", "a NaN/inf loss: stop naming the step, or skip "
@@ -105,14 +118,16 @@ class EvalConfig:
     stride: int = setting(1, "every Nth review", gt=0)
     limit: int = setting(0, "at most N reviews; 0 = all", ge=0)
     batch_size: int = setting(64, "reviews per batch", gt=0, le=1_000_000)
-    checkpoint: str = setting("", "a checkpoint or run folder; '' = the latest in run.dir")
+    checkpoint: str = setting("", "a checkpoint or run folder; '' = the latest in run.dir; best = run.dir's "
+                                  "best validation (train.keep_best); RUN/best = that run's")
     notebook_figure: bool = setting(True, "also the notebook's unmasked figure (pads counted; not a "
                                           "perplexity of the text)")
 
 
 @dataclass
 class GenerateConfig:
-    checkpoint: str = setting("", "a checkpoint or run folder; '' = the latest in run.dir")
+    checkpoint: str = setting("", "a checkpoint or run folder; '' = the latest in run.dir; best = run.dir's "
+                                  "best validation (train.keep_best); RUN/best = that run's")
     prompts: str = setting("", "JSONL ({\"id\", \"prompt\"} per line) or text file, one prompt per line")
     num_samples: int = setting(4, "unconditional samples from <bos> when no prompts file is given", ge=0,
                               le=10**9)
@@ -173,6 +188,15 @@ class Config:
             where = where_of(tree, key)
             raise ConfigError(f"config {message}{f' ({where})' if where else ''}")
 
+        d = self.data
+        if d.val_split == "holdout" and not d.holdout_every:
+            fail("data.val_split", "data.val_split=holdout needs data.holdout_every > 0 (e.g. 25: every 25th "
+                                   "training review)")
+        if d.holdout_every == 1:
+            fail("data.holdout_every", "data.holdout_every=1 would hold out every training review")
+        if {d.train_split, d.val_split, self.eval.split} & set(d.extra_train_splits):
+            fail("data.extra_train_splits", f"data.extra_train_splits {d.extra_train_splits} names the "
+                                            "training, validation or evaluation split: never train on those")
         if self.train.epochs == 0 and self.train.max_steps == 0:
             fail("train.epochs", "train.epochs or train.max_steps must be above 0")
         m = self.model

@@ -138,7 +138,7 @@ def run_eval(cfg: Config) -> dict | None:
     """The eval job: checkpoint -> masked perplexity on cfg.eval.split -> JSON beside it.
     Returns the result on rank 0 (None elsewhere)."""
     acc = make_accelerator(cfg)
-    ckpt = resolve(cfg.eval.checkpoint or cfg.run.dir)
+    ckpt = resolve(cfg.eval.checkpoint or cfg.run.dir, cfg.run.dir)
     model, tok = ckpt.build_model(acc.device)
     with acc.main_process_first():  # rank 0 builds the token cache, the others then read it
         split = load_split(cfg.data, cfg.eval.split, tok)

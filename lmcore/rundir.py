@@ -6,6 +6,7 @@
       metrics.jsonl     every logged figure (lmcore.track.metrics)
       jobs.jsonl        one row per SLURM job that trained here (`lmcore status RUN` reads it)
       wandb_run.json    the W&B run id, kept across requeues (lmcore.track.wandb_init)
+      best.json         the best validation's checkpoint (train.keep_best; checkpoint=best)
       wandb/            W&B's own files (unless tracking.dir says otherwise)
       report/           what `lmcore report` draws
       checkpoints/step_XXXXXXXX/   one folder per checkpoint (lmcore.checkpoint)
@@ -51,6 +52,10 @@ class RunDir:
         return self.path / "wandb_run.json"
 
     @property
+    def best(self) -> Path:
+        return self.path / "best.json"
+
+    @property
     def report(self) -> Path:
         return self.path / "report"
 
@@ -63,7 +68,7 @@ class RunDir:
         file, a file where it keeps its checkpoints), before a job spends time on it."""
         if self.path.exists() and not self.path.is_dir():
             raise LmcoreError(f"run.dir {self.path} is a file, not a folder; set run.dir to a folder")
-        for p in (self.config, self.tokenizer, self.metrics, self.jobs, self.wandb_state):
+        for p in (self.config, self.tokenizer, self.metrics, self.jobs, self.wandb_state, self.best):
             if p.exists() and not p.is_file():
                 raise LmcoreError(f"run.dir {self.path} holds {p.name} as something other than a file (a "
                                   "folder?), where lmcore keeps a file: move it away, or use another run.dir")

@@ -64,6 +64,9 @@ class TrainState:
     train_seconds: float = 0.0  # optimizer steps only: validation and checkpoints excluded
     world_size: int = 1
     skipped_steps: int = 0  # non-finite steps skipped (train.nonfinite=skip)
+    best_val: float = math.inf  # the lowest validation perplexity so far
+    best_step: int = -1  # its step (-1: none yet)
+    stale_validations: int = 0  # validations since the best one (train.early_stop_patience)
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -72,8 +75,12 @@ class TrainState:
         for f in dataclasses.fields(self):
             if f.name in state:
                 setattr(self, f.name, type(getattr(self, f.name))(state[f.name]))
-            elif f.name != "skipped_steps":  # the one key older checkpoints lack
+            elif f.name not in _NEWER_KEYS:
                 raise CheckpointError(f"trainer_state.json has no {f.name!r}")
+
+
+# keys older checkpoints lack: their defaults are right for them
+_NEWER_KEYS = ("skipped_steps", "best_val", "best_step", "stale_validations")
 
 
 @dataclass
@@ -114,11 +121,14 @@ class TrainResult:
     model: LSTMLM | None = None  # the trained (unwrapped) model, for callers in-process
     rank: int = 0
     world_size: int = 1
+    best: dict[str, Any] | None = None  # the best validation: step, val_ppl (and its checkpoint, keep_best)
+    early_stopped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "checkpoint": str(self.checkpoint) if self.checkpoint else None,
                 "val_ppl": self.val_ppl, "stopped_early": self.stopped_early, "rank": self.rank,
                 "world_size": self.world_size, "run_dir": str(self.run_dir),
+                "best": self.best, "early_stopped": self.early_stopped,
                 "weights_sha256": weights_digest(self.model) if self.model is not None else None}
 
 
@@ -170,6 +180,7 @@ class Trainer:
         self.state = TrainState(world_size=self.world)
         self.rank_state = RankState()
         self.resumed_from: Path | None = None
+        self.early_stopped = False
         self.hosts = rank_hosts(acc)  # for the message if a rank's node dies
 
     # -- setup ----------------------------------------------------------------------------------
@@ -235,20 +246,38 @@ class Trainer:
         self.bar = Progress(total, initial=s.step, enabled=self.main and progress)
         self._announce()
         # A finished run started again (a requeue after the end, say) has nothing to do.
-        already_done = s.step >= total
+        patience = t.early_stop_patience
+        budget = t.max_train_seconds
+        already_done = (s.step >= total or bool(patience and s.stale_validations >= patience)
+                        or bool(budget and s.train_seconds >= budget))
         last_saved = s.step if self.resumed_from is not None else -1
         val_ppl, stopped = None, False
         self.model.train()
         try:
-            while s.step < total:
+            while s.step < total and not already_done:
                 out = self.train_step()
                 self.log(out)
-                # validation and checkpoints at their intervals (the last step's come after the loop)
+                # validation and checkpoints at their intervals (the last step's come after the loop);
+                # with train.keep_best, a new best validation is saved at once
+                best = False
                 if t.eval_interval and s.step % t.eval_interval == 0 and s.step < total:
                     val_ppl = self.validate()
-                if s.step % t.checkpoint_interval == 0 and s.step < total:
+                    best = self.note_validation(val_ppl)
+                if (s.step % t.checkpoint_interval == 0 or (best and t.keep_best)) and s.step < total:
                     self.save()
                     last_saved = s.step
+                    self.record_best()
+                # early stopping: too many validations without a new best
+                if patience and s.stale_validations >= patience:
+                    self.early_stopped = True
+                    self.bar.write(f"step {s.step}: {s.stale_validations} validations without a better "
+                                   f"perplexity than {s.best_val:.2f} (step {s.best_step}): stopping early")
+                    break
+                # the time budget: rank 0's clock decides for all (the end of the run, not a stop)
+                if budget and any_rank(self.acc, self.main and s.train_seconds >= budget):
+                    self.bar.write(f"step {s.step}: {s.train_seconds:.0f} s of training, the budget "
+                                   f"train.max_train_seconds={budget:g}: ending the run here")
+                    break
                 # a stop request on any rank: all stop at this step
                 if any_rank(self.acc, stop_requested()):
                     stopped = s.step < total
@@ -263,18 +292,28 @@ class Trainer:
                               "train.batch_size (raise train.grad_accum to keep the batch), data.truncate "
                               "or the model size, then run again") from None
         self.bar.close()
-        path = self.save() if last_saved != s.step else None
-        if not stopped and not already_done:
+        # the end: validate (unless stopped, or early stopping just did), then save, so that the last
+        # checkpoint records its own validation
+        if not stopped and not already_done and not self.early_stopped:
             val_ppl = self.validate()
-        elif already_done:
-            self.bar.write(f"nothing to do: {self.resumed_from} is already at step {s.step} of {total}")
+            self.note_validation(val_ppl)
+        path = self.save() if last_saved != s.step else None
+        self.record_best()
+        if already_done:
+            why = f"of {total}" if s.step >= total else "its time budget spent" if budget and \
+                s.train_seconds >= budget else "stopped early"
+            self.bar.write(f"nothing to do: {self.resumed_from} is already at step {s.step} ({why})")
+            self.early_stopped = why == "stopped early"
         if self.main:
             path = path or self.run.step_dir(s.step)
         self.acc.wait_for_everyone()
         self.tracker.finish()
         self.acc.end_training()
+        best = {"step": s.best_step, "val_ppl": s.best_val} if s.best_step >= 0 else None
+        if best and self.cfg.train.keep_best:
+            best["checkpoint"] = str(self.run.step_dir(s.best_step))
         return TrainResult(self.run.path, s.step, path, stopped, val_ppl, self.raw_model, self.rank,
-                           self.world)
+                           self.world, best, self.early_stopped)
 
     def train_step(self) -> StepOutput:
         """One optimizer step: its micro-batches forward and backward, then the update."""
@@ -371,6 +410,33 @@ class Trainer:
                        f"({res.num_targets} targets)")
         return res.masked_ppl
 
+    def note_validation(self, val_ppl: float | None) -> bool:
+        """Whether this validation is the best so far (the counters live in TrainState)."""
+        s = self.state
+        if val_ppl is None:
+            return False
+        if val_ppl < s.best_val:
+            s.best_val, s.best_step, s.stale_validations = val_ppl, s.step, 0
+            return True
+        s.stale_validations += 1
+        return False
+
+    def record_best(self) -> None:
+        """train.keep_best: RUN/best.json names the best validation's checkpoint, once it exists."""
+        s = self.state
+        if not (self.main and self.cfg.train.keep_best and s.best_step >= 0):
+            return
+        ckpt = self.run.step_dir(s.best_step)
+        if not (ckpt / "manifest.json").is_file():
+            return
+        record = {"step": s.best_step, "val_ppl": s.best_val, "checkpoint": str(ckpt),
+                  "val_split": self.cfg.data.val_split}
+        try:
+            fileio.atomic_write_json(self.run.best, record)
+        except OSError as e:
+            raise LmcoreError(write_failed(self.run.best, e, self._kept(), "run the same command again",
+                                           self.run.path)) from None
+
     def save(self) -> Path | None:
         """A checkpoint of every rank at this step; a failure on any rank stops all of them, with the
         previous checkpoint intact."""
@@ -387,8 +453,9 @@ class Trainer:
         writer = CheckpointWriter(self.run, s.step)
         arch, fingerprint, keep = (self.raw_model.architecture(), self.corpus.tokenizer.fingerprint,
                                    self.cfg.train.keep_checkpoints)
+        best = self.run.step_dir(s.best_step).name if self.cfg.train.keep_best and s.best_step >= 0 else None
         parts = [(self.main, writer.begin), (True, lambda: self._write_files(writer)),
-                 (self.main, lambda: writer.finish(arch, fingerprint, s.step, keep))]
+                 (self.main, lambda: writer.finish(arch, fingerprint, s.step, keep, best))]
         for mine, part in parts:  # each part done, on every rank, before the next one starts
             error = _attempt(part) if mine else None
             if any_rank(self.acc, error is not None):

@@ -1,6 +1,6 @@
 """Run `lmcore ARGS` with an OSError injected into one of lmcore's writes.
 
-    python -m tests.fault_inject WRITER PATTERN ERRNO [--nth N] [--midway] -- ARGS...
+    python -m tests.fault_inject WRITER PATTERN ERRNO [--nth N] [--midway] [--also W P] -- ARGS...
 
 Every write lmcore makes goes through a function of lmcore.fileio named in fileio.WRITERS
 (atomic_write_json and the like go through atomic_write). The N-th call (default the first) of
@@ -81,12 +81,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("errno", choices=sorted(ERRNOS))
     p.add_argument("--nth", type=int, default=1)
     p.add_argument("--midway", action="store_true")
+    p.add_argument("--also", nargs=2, metavar=("WRITER", "PATTERN"),
+                   help="a second writer and pattern that fail (first call) with the same errno")
     argv = sys.argv[1:] if argv is None else argv
     if "--" not in argv:
         p.error("the lmcore arguments come after --")
     cut = argv.index("--")
     a, args = p.parse_args(argv[:cut]), argv[cut + 1:]
     inject(a.writer, a.pattern, ERRNOS[a.errno], a.nth, a.midway)
+    if a.also:
+        inject(*a.also, ERRNOS[a.errno])
     from lmcore.cli import main as lmcore_main  # after the patch: every module sees the faulty writer
 
     lmcore_main(args)

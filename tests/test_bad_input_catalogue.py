@@ -546,7 +546,7 @@ CASES: dict[str, Case] = {
     "data-source-dev-zero": Case(data("/dev/zero"), ("/dev/zero", "a device", "not a regular file")),
     # -- generation, merge, report (hunt) --------------------------------------------------------------
     "prompts-id-of-5000-digits": Case(
-        BULK, ("prompts.jsonl:1:", "too many digits"),
+        BULK, ("prompts.jsonl:1:", "more than 4300 digits"),
         write("prompts.jsonl", '{"id": ' + "7" * 5000 + ', "prompt": "a"}\n'), run=True),
     "prompts-nested-100000-deep": Case(
         BULK, ("prompts.jsonl:1:", "nested too deeply"), write("prompts.jsonl", DEEP + "\n"), run=True),

@@ -444,7 +444,7 @@ def test_bad_lines_skip_sets_aside_unusable_json_and_over_long_prompts(run_dir, 
     rejects = {r["line"]: r["error"] for r in
                map(json.loads, (tmp_path / "out" / REJECTS_FILE).read_text(encoding="utf-8").splitlines())}
     assert sorted(rejects) == [2, 3, 4, 5, 6]
-    assert "too many digits" in rejects[2] and "nested too deeply" in rejects[3]
+    assert "more than 4300 digits" in rejects[2] and "nested too deeply" in rejects[3]
     assert "surrogate" in rejects[4] and "surrogate" in rejects[5]
     assert "21 words" in rejects[6] and "generate.max_prompt_words=20" in rejects[6]
 

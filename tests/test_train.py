@@ -47,7 +47,9 @@ def test_train_eval_generate_from_the_command_line(tmp_path: Path):
     rows = read_metrics(run / "metrics.jsonl")
     steps = [r["step"] for r in rows if "train/loss" in r]
     assert steps == [10, 20, 30, 40, 50, 60, 63]
-    assert rows[-1]["step"] == 63 and "val/ppl" in rows[-1]
+    # the end: the last validation, then the last checkpoint (which records it)
+    assert rows[-2]["step"] == 63 and "val/ppl" in rows[-2]
+    assert rows[-1]["step"] == 63 and rows[-1]["event"] == "checkpoint"
 
     # Not a terminal: plain progress lines (SLURM log files), not a progress bar.
     assert "step 10/63 loss=" in proc.stderr and "\r" not in proc.stderr
@@ -306,3 +308,23 @@ def test_a_checkpoint_write_that_fails_midway_keeps_the_previous_one_and_says_so
     Checkpoint.open(run / "checkpoints/step_00000010")
     monkeypatch.setattr(fileio, "save_tensors", real)  # space freed: the same command resumes
     assert train(load_config(None, tiny_overrides(run, **{"train.max_steps": 30})), progress=False).step == 30
+
+
+def test_a_training_time_budget_ends_the_run_and_a_larger_one_resumes_it(tmp_path: Path):
+    """train.max_train_seconds counts step time only and is kept in the checkpoint: a long run can be
+    trained in parts by raising the budget."""
+    run = tmp_path / "run"
+    args = ["train", "--no-progress",
+            *tiny_overrides(run, **{"train.max_steps": 100000, "data.val_split": ""})]
+    first = run_cli(*args, "train.max_train_seconds=2")
+    assert first.returncode == 0, first.stderr
+    one = json.loads(first.stdout.splitlines()[-1])
+    state = json.loads((Path(one["checkpoint"]) / "trainer_state.json").read_text())
+    assert 2 <= state["train_seconds"] < 4 and not one["stopped_early"]
+    again = json.loads(run_cli(*args, "train.max_train_seconds=2").stdout.splitlines()[-1])
+    assert again["step"] == one["step"]  # spent: nothing to do
+    more = run_cli(*args, "train.max_train_seconds=4")
+    assert more.returncode == 0, more.stderr
+    two = json.loads(more.stdout.splitlines()[-1])
+    state = json.loads((Path(two["checkpoint"]) / "trainer_state.json").read_text())
+    assert two["step"] > one["step"] and state["train_seconds"] >= 4  # resumed: the clock went on

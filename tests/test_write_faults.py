@@ -56,6 +56,8 @@ class Site:
     warns: bool = False  # tracking only: a warning, and the job finishes
     may_change: tuple[str, ...] = ()  # paths (fnmatch, relative to the case folder) a failed job may change
     env: tuple[tuple[str, str], ...] = ()  # more environment for the job
+    extra: tuple[str, ...] = ()  # more overrides for the job
+    also: tuple[str, str] | None = None  # a second (writer, pattern) that fails with the same errno
 
 
 CACHE = ("newcache", "newcache/tokenizers", "newcache/splits", "newcache/tokenizers/*")
@@ -65,6 +67,11 @@ SITES = [
          names="new"),
     Site("a new run's config", "atomic_write", "*/new/config.yaml", "train",  # no run folder left
          ("lmcore/trainer.py:Trainer.resume_or_start",), names="config.yaml"),
+    # the failed new run's folder cannot be removed either: the config's error is still the one
+    # line, and the folder stays behind as the job left it
+    Site("a failed new run's folder removed", "remove_tree", "*/new", "train",
+         ("lmcore/runtime/lock.py:RunLock.release",), names="config.yaml",
+         also=("atomic_write", "*/new/config.yaml"), may_change=("new", "new/*")),
     Site("run config", "atomic_write", "*/run/config.yaml", "resume",
          ("lmcore/trainer.py:Trainer.resume_or_start",), may_change=("run/.lock",)),
     Site("run tokenizer", "atomic_write", "*/run/tokenizer.json", "resume",
@@ -72,6 +79,10 @@ SITES = [
     Site("run's SLURM job history", "append_line", "*/run/jobs.jsonl", "resume",
          ("lmcore/trainer.py:Trainer.resume_or_start",), may_change=TRAINING,
          env=(("SLURM_JOB_ID", "4242"),)),
+    Site("best checkpoint's record", "atomic_write", "*/new/best.json", "train",
+         ("lmcore/trainer.py:Trainer.record_best",), may_change=("new", "new/*"),
+         extra=("train.keep_best=true", "data.val_split=holdout", "data.holdout_every=4",
+                "train.eval_interval=2")),
     Site("metrics rewrite on resume", "atomic_write", "*/run/metrics.jsonl", "resume",
          ("lmcore/track/metrics.py:MetricsLog.__init__",), may_change=("run/.lock",)),
     Site("metrics row", "append_line", "*/run/metrics.jsonl", "resume",
@@ -157,7 +168,8 @@ def command(site: Site, tmp: Path, ref: Path) -> list[str]:
            "generate.precision=fp32", "run.threads=1"]
     if site.job == "train":
         return ["train", *train_overrides(tmp / "new", ref / "cache", **{"train.max_steps": 4,
-                                                                      "tracking.wandb_mode": "offline"})]
+                                                                      "tracking.wandb_mode": "offline"}),
+                *site.extra]
     if site.job == "resume":
         return ["train", *train_overrides(tmp / "run", ref / "cache", **{"train.max_steps": MORE})]
     if site.job == "cold-cache":
@@ -206,7 +218,8 @@ def test_a_failing_write_is_one_line_and_changes_nothing(site: Site, err: str, r
     steps_before = checkpoint_steps(tmp / "run")
     before = tree(tmp)
     argv = [sys.executable, "-m", "tests.fault_inject", site.writer, site.pattern, err,
-            "--nth", str(site.nth), *(["--midway"] if site.midway else []), "--", *command(site, tmp, ref)]
+            "--nth", str(site.nth), *(["--midway"] if site.midway else []),
+            *(["--also", *site.also] if site.also else []), "--", *command(site, tmp, ref)]
     proc = subprocess.run(argv, cwd=REPO, env=child_env(**dict(site.env)), capture_output=True, text=True,
                           timeout=300)
     everything = proc.stdout + proc.stderr
@@ -268,6 +281,7 @@ def test_every_write_in_lmcore_has_a_fault_test():
 MODULE_WRITES = {"os": {"rename", "replace", "link", "symlink", "mkdir", "makedirs", "open", "truncate"},
                  "shutil": {"copy", "copy2", "copyfile", "copytree", "move"},
                  "tempfile": {"mkstemp", "mkdtemp", "NamedTemporaryFile", "TemporaryDirectory"}}
+WRITE_FLAGS = {"O_WRONLY", "O_RDWR", "O_CREAT", "O_TRUNC", "O_APPEND"}
 PATH_WRITES = {"write_text", "write_bytes", "mkdir", "touch", "symlink_to", "hardlink_to"}
 TO_MEMORY = {"savefig", "save", "save_file", "save_model"}  # fine into a buffer (buf), a write to a path
 
@@ -284,6 +298,8 @@ def raw_write(node: ast.Call) -> bool:
     if not isinstance(f, ast.Attribute):
         return False
     if isinstance(f.value, ast.Name) and f.value.id in MODULE_WRITES:
+        if (f.value.id, f.attr) == ("os", "open") and len(node.args) > 1:  # a read-only open is a read
+            return any(isinstance(n, ast.Attribute) and n.attr in WRITE_FLAGS for n in ast.walk(node.args[1]))
         return f.attr in MODULE_WRITES[f.value.id]
     if f.attr == "save" and not (isinstance(f.value, ast.Name) and f.value.id in ("np", "numpy", "torch")):
         return False  # a method of lmcore's own (Trainer.save)

@@ -52,6 +52,12 @@ class TokenizedSplit:
         tokens = np.concatenate(docs) if docs else np.zeros(0, dtype=np.int32)
         return TokenizedSplit(tokens.astype(np.int32, copy=False), offsets)
 
+    def __add__(self, other: TokenizedSplit) -> TokenizedSplit:
+        """This split's documents, then the other's."""
+        tokens = np.concatenate([self.tokens, other.tokens]).astype(np.int32, copy=False)
+        offsets = np.concatenate([self.offsets[:-1], other.offsets + len(self.tokens)]).astype(np.int64)
+        return TokenizedSplit(tokens, offsets)
+
 
 @dataclass
 class Corpus:
@@ -153,6 +159,9 @@ def load_split(cfg: DataConfig, split: str | Split, tok: WordTokenizer) -> Token
     return cached_split(cfg, split, tok) or encode_and_cache(cfg, split, tok, split.texts())
 
 
+HOLDOUT = "holdout"  # val_split: the reviews data.holdout_every keeps out of training
+
+
 def load_corpus(cfg: DataConfig) -> Corpus:
     """The tokenizer, the training split and the validation reviews, each file read at most once."""
     train = Split(cfg.source, cfg.train_split, cfg.text_field)
@@ -162,9 +171,16 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         texts = train.texts()
         tok = fit_and_cache(cfg, train, texts)
     train_ids = cached_split(cfg, train, tok) or encode_and_cache(cfg, train, tok, texts or train.texts())
+    held = None
+    if cfg.holdout_every:  # every Nth training review, from 0: never trained on
+        keep = np.arange(len(train_ids)) % cfg.holdout_every != 0
+        held, train_ids = train_ids.subset(np.flatnonzero(~keep)), train_ids.subset(np.flatnonzero(keep))
+    for name in cfg.extra_train_splits:  # more text to train on; the vocabulary stays train_split's
+        train_ids = train_ids + load_split(cfg, name, tok)
     val = None
     if cfg.val_split:
-        val = strided(load_split(cfg, cfg.val_split, tok), cfg.val_stride, cfg.val_limit)
+        split = held if cfg.val_split == HOLDOUT else load_split(cfg, cfg.val_split, tok)
+        val = strided(split, cfg.val_stride, cfg.val_limit)
     return Corpus(tok, train_ids, val)
 
 

@@ -102,7 +102,7 @@ class ShardJob:
         self.source = PromptSource(g.prompts or None, g.num_samples, g.max_prompt_words)
         self.source.check()  # before a checkpoint is loaded: a missing or special file fails at once
         self.shard, self.nshards = resolve_shard(g.num_shards, g.shard_index)
-        self.ckpt = resolve(g.checkpoint or self.cfg.run.dir)  # verified once, here
+        self.ckpt = resolve(g.checkpoint or self.cfg.run.dir, self.cfg.run.dir)  # verified once, here
         self.acc = make_accelerator(self.cfg)
         acc = self.acc
         self.rank, self.world, self.main = acc.process_index, acc.num_processes, acc.is_main_process

@@ -14,7 +14,7 @@ def preview(cfg: Config, prompt_texts: list[str] | None = None) -> list[str]:
     """Completions of the given texts, else of generate.prompts' first lines, else
     generate.num_samples unconditional ones: 'PROMPT >>> COMPLETION' per line."""
     g = cfg.generate
-    model, tok = resolve(g.checkpoint or cfg.run.dir).build_model()
+    model, tok = resolve(g.checkpoint or cfg.run.dir, cfg.run.dir).build_model()
     texts = list(prompt_texts or [])
     for t in texts:
         if len(t.split()) > g.max_prompt_words:
