@@ -1,19 +1,18 @@
-"""The parts of bench/gpu_check.py that need torch and lmcore, each run as its own child process:
+"""The torch side of bench/gpu_check.py: one part per child process,
 
-    python bench/gpu_parts.py PART --plan PLAN.json --results PART.jsonl
+    python bench/gpu_check.py part NAME PLAN.json RESULTS.jsonl
 
-PART is env, setup, resume, train, eval or gen. Each part runs its units one after the other and
-appends one JSON line per unit to --results as soon as the unit ends ({"unit": NAME, "status":
-"ok" | "failed" | "not_run" | "not_applicable", ...}), so that what a part finished survives when
-gpu_check.py kills it at its time limit. A unit that fails is recorded with the reason and the
-part goes on with the next one. This file holds the plumbing, env, setup, train and eval;
-gpu_gen.py the generation part, gpu_resume.py the resume check.
+NAME is setup, resume, train, eval or gen (bench/gpu_gen.py). A part runs its units one
+after the other and appends one JSON line per unit to RESULTS as soon as the unit ends
+({"unit": NAME, "status": "ok" | "failed" | "not_run" | "not_applicable", ...}), so that what
+it finished survives when the driver kills it at its time limit. A unit that fails is recorded
+with the reason (its traceback goes to stderr, in the logs) and the part goes on.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import importlib
 import json
 import os
 import platform
@@ -24,13 +23,14 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 from children import last_json
 from generate_speed import notebook_ids, notebook_model, save_reference_checkpoint, write_prompts
+from safetensors.torch import load_file
+from sections.train import model_flops_per_token
 
 import lmcore
 from lmcore.config import DataConfig, load_config
@@ -50,9 +50,9 @@ TRAIN_VARIANTS: dict[str, tuple[str, list[str], bool]] = {
     "bf16": ("padded, bf16 autocast, fused loss", ["train.mixed_precision=bf16"], True),
     "bf16_plain_ce": ("padded, bf16 autocast, plain cross-entropy",
                       ["train.mixed_precision=bf16", "train.loss_chunk=0"], True),
-    "packed_fp32": ("packed 256-token windows, fp32, fused loss", ["data.batching=packed"], True),
-    "packed_bf16": ("packed, bf16 autocast, fused loss", ["data.batching=packed", "train.mixed_precision=bf16"],
-                    True),
+    "packed_fp32": ("packed windows (data.seq_len), fp32, fused loss", ["data.batching=packed"], True),
+    "packed_bf16": ("packed, bf16 autocast, fused loss",
+                    ["data.batching=packed", "train.mixed_precision=bf16"], True),
     "fp32_no_cudnn": ("padded, fp32, fused loss, torch.backends.cudnn.enabled=False (PyTorch's own LSTM "
                       "kernels instead of cuDNN's)", [], False),
 }
@@ -99,31 +99,32 @@ class Part:
         shutil.rmtree(path, ignore_errors=True)
         return path
 
-    def setup_value(self, key: str) -> str:
+    def setup_value(self, key: str) -> Any:
         value = (self.plan.get("setup") or {}).get(key)
         if not value:
             raise Skip("not_run", f"the setup part did not produce {key!r} (see parts.setup)")
         return value
 
-    def common(self) -> list[str]:
-        """Overrides of every run of ours: the data, no W&B, no validation, the dry run's sizes."""
+    def common(self, train: bool = False) -> list[str]:
+        """Overrides of every run of ours: the data, no W&B, no validation; training runs take the
+        dry run's small sizes too."""
         return [f"data.source={self.plan['data']}", "tracking.wandb_mode=disabled", "data.val_split=",
-                "train.eval_interval=0", *self.plan["our_overrides"]]
+                "train.eval_interval=0", *(self.plan["train_overrides"] if train else [])]
 
     def reference(self, mode: str, *args: str) -> dict:
         """One run of the reference on this part's device (bench/gpu_reference.py); its JSON line."""
-        if not self.plan.get("reference"):
-            raise Skip("not_run", self.plan.get("reference_missing") or "no reference script")
         cmd = [sys.executable, str(HERE / "gpu_reference.py"), "--reference", self.plan["reference"],
                "--device", self.device, "--", mode, "--data", self.plan["data"], *args]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         sys.stderr.write(proc.stderr[-4000:])
-        out = last_json(proc.stdout)
-        if proc.returncode != 0 or out is None:
+        lines = [last_json(line) for line in proc.stdout.splitlines()]
+        out = next((j for j in lines if j and "mode" in j), None)
+        clock = next((j["step_clock"] for j in lines if j and "step_clock" in j), None)
+        if proc.returncode != 0 or out is None or clock is None:
             tail = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
             raise RuntimeError(f"the reference exited with {proc.returncode}: {tail}")
-        out["process_wall_s"] = round(time.perf_counter() - t0, 2)
+        out.update(step_clock=clock, process_wall_s=round(time.perf_counter() - t0, 2))
         return out
 
 
@@ -151,11 +152,13 @@ def cudnn_enabled(flag: bool) -> Iterator[None]:
         torch.backends.cudnn.enabled = before
 
 
-def version_of(package: str) -> str | None:
+def imports(module: str) -> str:
+    """The module's version if it imports here (the wheels' folder is on PYTHONPATH), else why not."""
     try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
+        mod = importlib.import_module(module)
+    except Exception as e:  # an import can fail in any way
+        return f"does not import: {type(e).__name__}: {str(e)[:300]}"
+    return f"imports, version {getattr(mod, '__version__', '?')} from {Path(mod.__file__ or '?').parent}"
 
 
 def matmul_peak(device: str, size: int) -> dict:
@@ -191,8 +194,8 @@ def env_info(part: Part) -> dict:
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-        "packages": {p: version_of(p) for p in ("accelerate", "torchmetrics", "numpy", "safetensors",
-                                                 "datasets", "wandb", "submitit")},
+        "packages": {p: imports(p) for p in ("accelerate", "torchmetrics", "numpy", "safetensors", "yaml",
+                                              "datasets", "wandb", "submitit")},
     }
     if cuda:
         props = torch.cuda.get_device_properties(0)
@@ -224,26 +227,33 @@ def setup(part: Part) -> dict:
     write_prompts(data, g["prompts"], prompts)
     write_prompts(data, g["identity_prompts"], identity)
     val = strided(test, part.plan["eval_stride"])
-    return {"vocab": len(tok), "tokenizer_s": round(fit_s, 2), "encode_s": round(encode_s, 2),
+    return {"vocab": len(tok), "hidden": model.cfg.hidden_dim, "tokenizer_s": round(fit_s, 2),
+            "encode_s": round(encode_s, 2),
             "train_reviews": len(train_split), "test_reviews": len(test),
             "eval_reviews": len(val), "checkpoint": str(ckpt), "reference_checkpoint": str(ref_ckpt),
             "weights": what, "prompts": str(prompts), "identity_prompts": str(identity)}
 
 
+def setup_part(part: Part) -> None:
+    env = part.unit("env", env_info, part)
+    if part.device == "cuda" and not env.get("cuda_available"):
+        raise SystemExit("torch sees no CUDA device")  # the driver stops: no figure would mean anything
+    part.unit("setup", setup, part)
+
+
 # -- train ----------------------------------------------------------------------------------------------
 def reference_train(part: Part) -> dict:
-    """The reference's steady state: a run of N steps minus a run of its first W (same batches)."""
+    """The reference's steady state: its step clock (gpu_reference.py) after its first W steps."""
     t = part.plan["train"]
-    warm = part.reference("train", "--steps", str(t["ref_warmup"]))
-    full = part.reference("train", "--steps", str(t["ref_steps"]))
-    dt = full["train_s"] - warm["train_s"]
-    real = full["real_tokens_per_s"] * full["train_s"] - warm["real_tokens_per_s"] * warm["train_s"]
-    steady = dt > 0
-    return {"steps": full["steps"], "warmup_steps_excluded": warm["steps"], "steady_state": steady,
-            "s_per_step": round(dt / (full["steps"] - warm["steps"]), 4) if steady else None,
-            "real_tokens_per_s": round(real / dt, 1) if steady else full["real_tokens_per_s"],
-            "real_tokens_per_s_with_warmup": full["real_tokens_per_s"], "vocab": full["vocab"],
-            "last_loss": full["last_loss"], "runs": [warm, full]}
+    j = part.reference("train", "--steps", str(t["ref_steps"]))
+    clock, w = j.pop("step_clock"), t["ref_warmup"]
+    (s0, r0, c0), (s1, r1, c1) = clock[w - 1], clock[-1]  # [steps, real tokens, seconds]
+    rates = [(b[1] - a[1]) / (b[2] - a[2]) for a, b in zip(clock[w - 1:-1], clock[w:], strict=True)]
+    return {"steps": s1, "warmup_steps_excluded": s0, "s_per_step": round((c1 - c0) / (s1 - s0), 4),
+            "real_tokens_per_s": round((r1 - r0) / (c1 - c0), 1),
+            "real_tokens_per_s_median_step": round(statistics.median(rates), 1),
+            "real_tokens_per_s_with_warmup": j["real_tokens_per_s"], "vocab": j["vocab"],
+            "last_loss": j["last_loss"], "run": j}
 
 
 def our_train(part: Part, variant: str) -> dict:
@@ -251,10 +261,13 @@ def our_train(part: Part, variant: str) -> dict:
     t = part.plan["train"]
     n, w = t["steps"], t["warmup"]
     run_dir = part.fresh(f"train-{variant}")
-    cfg = load_config(SEED_CONFIG, [*part.common(), f"run.dir={run_dir}", f"train.max_steps={n}",
+    cfg = load_config(SEED_CONFIG, [*part.common(train=True), f"run.dir={run_dir}", f"train.max_steps={n}",
                                     "train.log_interval=1", f"train.checkpoint_interval={n + 1}",
                                     "train.resume=never", *overrides])
-    out: dict[str, Any] = {"what": desc, "overrides": overrides, "cudnn_enabled": cudnn}
+    m = cfg.model
+    flops = model_flops_per_token(int(part.setup_value("vocab")), m.embedding_dim, m.hidden_dim)
+    out: dict[str, Any] = {"what": desc, "overrides": overrides, "cudnn_enabled": cudnn,
+                           "model_flops_per_token": flops}
     if not cudnn and part.device != "cuda":
         out["note"] = "cuDNN is a CUDA library: on the CPU this variant runs the same kernels as fp32"
     with cudnn_enabled(cudnn), cuda_peak(out):
@@ -280,26 +293,27 @@ def train(part: Part) -> None:
 
 # -- eval -----------------------------------------------------------------------------------------------
 def reference_eval(part: Part) -> dict:
-    e = part.plan["eval"]
-    args = ["--ckpt", part.setup_value("reference_checkpoint"), "--stride", str(part.plan["eval_stride"])]
-    j = part.reference("eval", *args, *(["--limit", str(e["limit"])] if e["limit"] else []))
+    j = part.reference("eval", "--ckpt", part.setup_value("reference_checkpoint"),
+                       "--stride", str(part.plan["eval_stride"]))
     return {"masked_ppl": j["masked_ppl"], "targets": j["real_tokens"], "seconds": j["eval_s"],
             "real_tokens_per_s": round(j["real_tokens"] / j["eval_s"], 1) if j["eval_s"] else None}
 
 
 def our_eval(part: Part, precision: str) -> dict:
-    e = part.plan["eval"]
+    """The eval job on the setup's weights (forward only, as the reference's timed loop is), run
+    `repeats` times; the figures are the first run's (cold, as the reference's one run is)."""
     runs = []
-    for _ in range(e["repeats"]):
+    for _ in range(part.plan["eval"]["repeats"]):
         cfg = load_config(SEED_CONFIG, [
-            *part.common(), f"run.dir={part.work / 'eval-run'}", f"eval.checkpoint={part.setup_value('checkpoint')}",
-            f"eval.stride={part.plan['eval_stride']}", f"eval.limit={e['limit']}", "eval.notebook_figure=false",
-            "eval.split=test", f"train.mixed_precision={'bf16' if precision == 'bf16' else 'no'}"])
+            *part.common(), f"run.dir={part.work / 'eval-run'}",
+            f"eval.checkpoint={part.setup_value('checkpoint')}",
+            f"eval.stride={part.plan['eval_stride']}", "eval.notebook_figure=false", "eval.split=test",
+            f"train.mixed_precision={'bf16' if precision == 'bf16' else 'no'}"])
         j = run_job("eval", cfg).result or {}
         runs.append({"masked_ppl": round(j["masked_ppl"], 4), "targets": j["num_targets"],
-                     "reviews": j["num_reviews"], "seconds": j["seconds"], "real_tokens_per_s": j["tokens_per_s"]})
-    return {**runs[0], "runs": runs, "note": "the figures are the first run's (cold, as the reference's one "
-                                             "run is); later runs in runs"}
+                     "reviews": j["num_reviews"], "seconds": j["seconds"],
+                     "real_tokens_per_s": j["tokens_per_s"]})
+    return {**runs[0], "runs": runs}
 
 
 def evaluation(part: Part) -> None:
@@ -308,28 +322,75 @@ def evaluation(part: Part) -> None:
         part.unit(f"ours_{precision}", our_eval, part, precision)
 
 
+# -- resume -----------------------------------------------------------------------------------------------
+# name: (what it exercises, overrides of configs/imdb_seed.yaml)
+RESUME_CONFIGS: dict[str, tuple[str, list[str]]] = {
+    "padded_fp32": ("configs/imdb_seed.yaml as is (padded, fp32, fused loss)", []),
+    "packed_bf16_dropout": ("packed (the LSTM state carried across windows and saved), bf16 autocast, "
+                            "dropout 0.1 (the random streams saved)",
+                            ["data.batching=packed", "train.mixed_precision=bf16", "model.dropout=0.1"]),
+}
+
+
+def train_to(part: Part, run_dir: Path, steps: int, extra: list[str]) -> dict[str, torch.Tensor]:
+    """Train (or resume) in run_dir up to `steps`; the final weights."""
+    cfg = load_config(SEED_CONFIG, [*part.common(train=True), f"run.dir={run_dir}",
+                                    f"train.max_steps={steps}", "train.log_interval=1",
+                                    "train.checkpoint_interval=1000000", *extra])
+    ckpt = Path((run_job("train", cfg, progress=False).result or {})["checkpoint"])
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, Any]:
+    if set(a) != set(b):
+        return {"bit_exact": False, "why": f"different tensors: {sorted(set(a) ^ set(b))}"}
+    unequal = [k for k in a if not torch.equal(a[k], b[k])]
+    worst = max((float((a[k].float() - b[k].float()).abs().max()) for k in unequal), default=0.0)
+    return {"bit_exact": not unequal, "tensors_differing": unequal, "max_abs_difference": worst}
+
+
+def resume_check(part: Part, name: str) -> dict:
+    """N straight steps twice (is training deterministic here?), and N/2 resumed to N in one run
+    folder (its metrics must hold each step once: it resumed rather than started over)."""
+    what, extra = RESUME_CONFIGS[name]
+    n = part.plan["resume"]["steps"]
+    half = n // 2
+    straight = train_to(part, part.fresh(f"resume-{name}/straight"), n, extra)
+    again = train_to(part, part.fresh(f"resume-{name}/straight_again"), n, extra)
+    run = part.fresh(f"resume-{name}/resumed")
+    train_to(part, run, half, extra)
+    resumed = train_to(part, run, n, extra)
+    steps = [row["step"] for row in read_metrics(run / "metrics.jsonl") if "train/loss" in row]
+    vs, repeat = difference(straight, resumed), difference(straight, again)
+    if vs["bit_exact"]:
+        verdict = f"bit-exact: {half} + {n - half} steps end with the weights of {n} straight steps"
+    elif not repeat["bit_exact"]:
+        verdict = (f"differs, and so do two straight runs (max {repeat['max_abs_difference']:.3g}): training "
+                   "is not deterministic on this device, so bit-exact resume cannot be shown here")
+    else:
+        verdict = (f"DIFFERS while two straight runs agree: the checkpoint misses something on this device "
+                   f"(max {vs['max_abs_difference']:.3g}; tensors {vs['tensors_differing']})")
+    return {"what": what, "overrides": extra, "steps": n, "stopped_at": half,
+            "resumed_not_restarted": steps == list(range(1, n + 1)), "resumed_vs_straight": vs,
+            "straight_vs_straight": repeat, "bit_exact": vs["bit_exact"] and steps == list(range(1, n + 1)),
+            "deterministic": repeat["bit_exact"], "verdict": verdict}
+
+
+def resume(part: Part) -> None:
+    for name in part.plan["resume"]["configs"]:
+        part.unit(name, resume_check, part, name)
+
+
 # -- entry point --------------------------------------------------------------------------------------------
-def parts() -> dict[str, Callable[[Part], None]]:
+def main(argv: list[str]) -> None:
     from gpu_gen import generation
-    from gpu_resume import resume
 
-    return {"env": lambda p: p.unit("info", env_info, p), "setup": lambda p: p.unit("setup", setup, p),
-            "resume": resume, "train": train, "eval": evaluation, "gen": generation}
-
-
-def main(argv: list[str] | None = None) -> None:
-    known = parts()
-    p = argparse.ArgumentParser(prog="bench/gpu_parts.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=list(known))
-    p.add_argument("--plan", required=True, type=Path)
-    p.add_argument("--results", required=True, type=Path)
-    a = p.parse_args(argv)
+    known: dict[str, Callable[[Part], Any]] = {
+        "setup": setup_part, "resume": resume, "train": train, "eval": evaluation, "gen": generation}
+    if len(argv) != 3 or argv[0] not in known:
+        raise SystemExit(f"usage: gpu_check.py part {'|'.join(known)} PLAN.json RESULTS.jsonl; got {argv}")
+    name, plan, results = argv
     os.environ.setdefault("WANDB_MODE", "disabled")
-    part = Part(json.loads(a.plan.read_text()), a.results)
-    known[a.part](part)
+    part = Part(json.loads(Path(plan).read_text()), Path(results))
+    known[name](part)
     part.emit("_done", {"status": "ok"})
-
-
-if __name__ == "__main__":
-    main()
