@@ -50,8 +50,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--override", action="append", default=[], metavar="NAME:KEY=VALUE",
                    help="an override for one recipe, e.g. ours:train.batch_size=32")
+    p.add_argument("--report-only", action="store_true",
+                   help="only rewrite the table and the plot from WORK/quality.json")
     args = p.parse_args()
     work = Path(args.work)
+    if args.report_only:
+        result = json.loads((work / "quality.json").read_text())
+        write(result, work)
+        print_table(result)
+        return
     work.mkdir(parents=True, exist_ok=True)
     recipes = [parse_recipe(r) for r in (args.recipe or DEFAULT_RECIPES)]
     result = {"budget_min": args.budget_min, "data": args.data, "machine": machine(), "recipes": {}}
@@ -151,12 +158,14 @@ def markdown(result: dict) -> str:
     head = "| recipe | " + " | ".join(f"{m} min" for m in marks) + " | best | validations |\n"
     lines = [head, "|" + " --- |" * (len(marks) + 3) + "\n"]
     for name, r in result["recipes"].items():
-        cells = [f"{v['val_ppl']:.1f}" if (v := r["at_minutes"].get(str(m))) else "–" for m in marks]
+        cells = [f"{v['val_ppl']:.1f} ({v['train_seconds'] / 60:.1f})" if (v := r["at_minutes"].get(str(m)))
+                 else "–" for m in marks]
         best = min((v["val_ppl"] for v in r["curve"]), default=None)
         tail = f" | {best:.1f} | {len(r['curve'])} |\n" if best is not None else " | – | 0 |\n"
         lines.append(f"| {name} (`{r['config']}`) | " + " | ".join(cells) + tail)
     m = result["machine"]
-    lines.append(f"\nMasked perplexity on every 10th test review (2,500) against training minutes; "
+    lines.append(f"\nMasked perplexity on every 10th test review (2,500) at each mark: the last validation "
+                 "at or before it (in brackets, its training minute); "
                  f"{m['cpus']} CPUs, torch {m['torch']}, {m['threads']} threads, AMX {m['amx']}, "
                  f"{m['date']}.\n")
     return "".join(lines)

@@ -51,9 +51,36 @@ else
         started=true
     fi
 fi
-if [ "$started" = true ]; then
-    # stop what we started, whatever pytest does (a failed run keeps its exit status)
-    trap 'bash "$repo/slurm/local/stop.sh" "$LMCORE_SLURM_DIR" >/dev/null || true' EXIT
-fi
+cluster_pid=""
+cleanup() {
+    # the cluster's tests first (an interrupted run), then the cluster if we started it; a failed
+    # run keeps its exit status
+    if [ -n "$cluster_pid" ]; then kill "$cluster_pid" 2>/dev/null || true; fi
+    if [ "$started" = true ]; then bash "$repo/slurm/local/stop.sh" "$LMCORE_SLURM_DIR" >/dev/null || true; fi
+}
+trap cleanup EXIT
 
-"$venv/bin/python" -m pytest "$@"
+# The whole suite (no arguments, as CI runs it): the tests that wait on the cluster (scheduling,
+# grace times, requeues: its CPUs mostly idle) run in a second pytest beside the others, whose
+# output follows once both are done. With arguments, or LMCORE_TEST_SPLIT=off: one pytest.
+cluster_tests=(tests/test_slurm_cluster.py tests/test_slurm_multinode.py tests/test_local_cluster.py
+               tests/test_sweep.py)
+if [ "$#" -gt 0 ] || [ "${LMCORE_TEST_SPLIT:-on}" = off ]; then
+    "$venv/bin/python" -m pytest "$@"
+    exit
+fi
+split="$(mktemp -d "${TMPDIR:-/tmp}/lmcore-tests.XXXXXX")"
+"$venv/bin/python" -m pytest "${cluster_tests[@]}" --basetemp "$split/cluster" >"$split/cluster.log" 2>&1 &
+cluster_pid=$!
+ignore=()
+for t in "${cluster_tests[@]}"; do ignore+=("--ignore=$t"); done
+rest=0
+"$venv/bin/python" -m pytest "${ignore[@]}" --basetemp "$split/rest" || rest=$?
+cluster=0
+wait "$cluster_pid" || cluster=$?
+cluster_pid=""
+echo "================ the cluster's tests (${cluster_tests[*]}), run beside the others ================"
+cat "$split/cluster.log"
+rm -rf "$split"
+echo "scripts/test.sh: exit status $rest (the other tests), $cluster (the cluster's tests)"
+[ "$rest" -eq 0 ] && [ "$cluster" -eq 0 ]
