@@ -152,7 +152,9 @@ class LSTMLM(nn.Module):
         keep = targets != IGNORE
         scored = h[keep]  # (N, D): only real targets are projected
         if self.adaptive is not None:
-            loss_sum = -self.adaptive(scored.float(), targets[keep]).output.sum()
+            # in fp32 under bf16 autocast too: torch's adaptive softmax then mixes dtypes and fails
+            with torch.autocast(scored.device.type, enabled=False):
+                loss_sum = -self.adaptive(scored.float(), targets[keep]).output.sum()
         else:
             loss_sum = linear_cross_entropy(scored, self.head.weight, self.head.bias, targets[keep],
                                             self.loss_chunk)
@@ -164,7 +166,8 @@ class LSTMLM(nn.Module):
         if self.adaptive is None:
             return self.head(h)
         shape = h.shape[:-1]
-        return self.adaptive.log_prob(h.reshape(-1, h.shape[-1]).float()).reshape(*shape, -1)
+        with torch.autocast(h.device.type, enabled=False):  # as in forward
+            return self.adaptive.log_prob(h.reshape(-1, h.shape[-1]).float()).reshape(*shape, -1)
 
 
 def detach_state(state: State) -> State:
