@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from lmcore import __version__
 from lmcore.errors import LmcoreError
-from lmcore.overrides import OverrideSyntaxError, normalize, unknown_argument
+from lmcore.overrides import OverrideSyntaxError, add_point_arguments, normalize, unknown_argument
 
 # Each command imports what it needs when it runs, so that `lmcore --help`, completion and
 # bad-argument errors take a few tens of milliseconds (yaml alone is ~15 ms, torch ~1.5 s).
@@ -78,14 +78,7 @@ def _sweep_options(p: argparse.ArgumentParser) -> None:
                    help="the base config: a built-in name (lmcore configs) or a YAML file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="overrides common to every point, e.g. train.max_steps=200")
-    p.add_argument("--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
-                   help="an axis of the grid per entry; the points are their cartesian product")
-    p.add_argument("--points", metavar="FILE",
-                   help="the points from a file: YAML (.yaml/.yml, a list of mappings) or one line of "
-                        "KEY=VALUE overrides per point")
-    p.add_argument("--dir", metavar="SWEEP_DIR",
-                   help="the sweep's folder: one run folder per point and sweep.json; its name is the W&B "
-                        "group (default: runs/sweep-CONFIG-HASH of the sweep)")
+    add_point_arguments(p)
 
 
 def _sweep_parser(sub) -> None:

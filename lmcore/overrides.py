@@ -5,6 +5,8 @@ is an option of the command, never an override."""
 
 from __future__ import annotations
 
+import argparse
+
 
 class OverrideSyntaxError(ValueError):
     pass
@@ -41,3 +43,16 @@ def unknown_argument(item: str) -> str:
         if keys:
             return f"unrecognized argument {item!r} (did you mean --{keys[0]}? config keys have a section)"
     return f"unrecognized argument {item!r}"
+
+
+def add_point_arguments(p: argparse.ArgumentParser) -> None:
+    """--grid, --points and --dir: what a sweep's points are and where they run, the same for
+    `lmcore sweep` and `lmcore submit sweep`."""
+    p.add_argument("--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
+                   help="sweep: an axis of the grid per entry; the points are their cartesian product")
+    p.add_argument("--points", metavar="FILE",
+                   help="sweep: the points from a file: YAML (.yaml/.yml, a list of mappings) or one line "
+                        "of KEY=VALUE overrides per point")
+    p.add_argument("--dir", metavar="SWEEP_DIR",
+                   help="sweep: its folder, one run folder per point and sweep.json; its name is the W&B "
+                        "group (default: runs/sweep-CONFIG-HASH of the sweep)")

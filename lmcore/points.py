@@ -251,5 +251,3 @@ def point_name(overrides: Sequence[str]) -> str:
 
 def _point(overrides: tuple[str, ...], where: str = "") -> Point:
     return Point(point_name(overrides), overrides, where)
-
-

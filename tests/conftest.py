@@ -38,3 +38,31 @@ def tiny_overrides(run_dir: Path, **extra: object) -> list[str]:
               "model.hidden_dim": 32, "train.batch_size": 16, "train.log_interval": 5,
               "train.checkpoint_interval": 10, "train.epochs": 1, "optim.lr": 0.01, **extra}
     return [f"{k}={v}" for k, v in values.items()]
+
+
+# -- the local SLURM cluster (tests/test_slurm_cluster.py, tests/test_slurm_multinode.py) ----------
+@pytest.fixture(scope="module")
+def slurm():
+    """The local cluster's environment (SLURM_CONF, PATH) for one test module; skips without a
+    cluster, fails in CI."""
+    from tests.slurm_helpers import cluster_env, require_cluster  # it imports this module
+
+    require_cluster()
+    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
+    os.environ.update(cluster_env())
+    yield cluster_env()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def submitted(slurm):
+    """Collects submissions; cancels whatever is still queued when the test ends."""
+    subs: list = []
+    yield subs
+    ids = [s.job_id for s in subs]
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True, timeout=30)

@@ -27,36 +27,12 @@ from tests.slurm_helpers import (
     SMALL,
     cluster_env,
     local_profile,
-    require_cluster,
     squeue_ids,
     wait_until,
     write_profile,
 )
 
 WAIT_S = 240  # per job; the whole module takes about 3 minutes on 2 cores
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    require_cluster()
-    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
-    os.environ.update(cluster_env())
-    yield cluster_env()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@pytest.fixture
-def submitted(slurm):
-    """Collects submissions; cancels whatever is still queued when the test ends."""
-    subs: list = []
-    yield subs
-    ids = [s.job_id for s in subs]
-    if ids:
-        subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
 
 
 @pytest.fixture(scope="module")

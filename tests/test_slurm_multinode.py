@@ -26,33 +26,11 @@ from lmcore.gen.merge import merge_outputs
 from lmcore.slurm.submit import max_array_size, plan, submit_plan, wait
 from lmcore.track.metrics import read_metrics
 from tests.conftest import REPO, run_cli
-from tests.slurm_helpers import SMALL, STATE_DIR, cluster_env, local_profile, require_cluster, wait_until
+from tests.slurm_helpers import SMALL, STATE_DIR, local_profile, wait_until
 
 WAIT_S = 300
 STEPS = 24
 TRAIN = [*SMALL, f"train.max_steps={STEPS}", f"train.checkpoint_interval={STEPS}", "train.batch_size=4"]
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    require_cluster()
-    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
-    os.environ.update(cluster_env())
-    yield cluster_env()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@pytest.fixture
-def submitted(slurm):
-    subs: list = []
-    yield subs
-    ids = [s.job_id for s in subs]
-    if ids:
-        subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
 
 
 def submit(kind: str, profile, overrides: list[str], subs: list, shards: int = 0):

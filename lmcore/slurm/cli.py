@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from lmcore.deps import require
-from lmcore.overrides import OverrideSyntaxError, normalize, unknown_argument
+from lmcore.overrides import OverrideSyntaxError, add_point_arguments, normalize, unknown_argument
 from lmcore.slurm import JobFailedError
 
 MAX_SHARDS = 100_000  # array tasks of one generation; more is a typo, and planning them takes minutes
@@ -64,13 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=24 * 3600.0, metavar="S",
                    help="with --wait: give up waiting after S seconds (the jobs keep running)")
     p.add_argument("--json", action="store_true", help="print job ids, logs (and results) as JSON")
-    p.add_argument("--grid", nargs="+", action="extend", default=[], metavar="KEY=V1,V2",
-                   help="sweep: an axis of the grid per entry; the points are their cartesian product")
-    p.add_argument("--points", metavar="FILE",
-                   help="sweep: the points from a file (YAML list of mappings, or one line of KEY=VALUE "
-                        "overrides per point)")
-    p.add_argument("--dir", metavar="SWEEP_DIR",
-                   help="sweep: its folder (a run folder per point, sweep.json); its name is the W&B group")
+    add_point_arguments(p)
     p.add_argument("--parallel", type=int, default=0, metavar="N",
                    help="sweep: at most N points at once (default: the profile's array_parallelism)")
     return p
