@@ -38,7 +38,7 @@ SHARED = Path(os.environ.get("LMCORE_SHARED", REPO.parent / "shared"))
 WANTED = ("datasets", "wandb", "submitit")
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
              "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_5_x86_64", "manylinux1_x86_64"]
-# The image's packages (/work/.library/device/KINDS.md, read 2026-11-17). One missing here is only
+# The image's packages (the device tool's KINDS.md, read 2026-11-17). One missing here is only
 # carried for nothing (install skips what is installed); one wrongly here fails the import, loudly.
 _IMAGE_HAS = """absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs
 botorch build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage
