@@ -6,12 +6,14 @@
     .venv/bin/python -m bench --only peak                    # the same, from the repository root
 
 Sections (--only, comma-separated; default all):
-  peak   2048x2048 matmul GFLOP/s in fp32 and bf16 (the machine's ceiling; which is higher)
+  peak   the machine's ceilings: a 2048x2048 matmul in fp32 and bf16, and each job's own
+         (bench/ceiling.py): its matmuls at their real shapes in fp32, bf16, fp16 and int8,
+         combined by FLOPs; train, eval and gen report their model FLOP rate against it
   train  training at the notebook's model size with the full softmax: the reference
          (`seed_reference.py train --steps N`, run before and after ours) against
-         configs/imdb_seed.yaml (padded, fp32) and its packed / bf16 variants: real (non-pad)
-         tokens/s, seconds per step, peak RSS of each training process, and the model FLOP rate
-         as a fraction of the matmul peak
+         configs/imdb_seed.yaml (padded, fp32) and its packed / bf16 / loss_precision=auto
+         variants: real (non-pad) tokens/s, seconds per step, peak RSS of each training
+         process, and the model FLOP rate as a fraction of the step's ceiling
   ttq    time to quality: the reference's time for 216 steps (measured here: its first W steps
          + the rest at its steady seconds per step), the steps it needs for masked test
          perplexity 541.9 (../shared/notes/baseline.md), against the training seconds
@@ -84,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh-cache", action="store_true",
                    help="an empty token cache in the work folder instead of $LMCORE_CACHE / ~/.cache/lmcore")
     p.add_argument("--threads", type=int, default=0, help="torch threads on both sides (0 = torch's default)")
+    p.add_argument("--ceiling-min-seconds", type=float, default=0.25,
+                   help="peak: seconds per timing of each job's matmuls at their real shapes")
     p.add_argument("--child-timeout", type=float, default=3600,
                    help="seconds before a child process is killed")
     g = p.add_argument_group("train")

@@ -2,6 +2,7 @@
 (a child's ru_maxrss starts from the parent's peak RSS at fork time):
 
     python bench/helpers.py peak [--size 2048]          # matmul GFLOP/s, fp32 and bf16
+    python bench/helpers.py ceiling [--vocab 40135]     # each job's matmuls at their real shapes
     python bench/helpers.py setup --data DIR            # warm and time the token cache
     python bench/helpers.py checkpoints --data DIR --work DIR [--checkpoint RUN]
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ceiling import ceiling
 from context import EVAL_STRIDE
 from generate_speed import notebook_ids, notebook_model, save_reference_checkpoint
 
@@ -85,7 +87,9 @@ def checkpoints(data: str, checkpoint: str, work: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="bench/helpers.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", choices=["peak", "setup", "checkpoints"])
+    p.add_argument("name", choices=["peak", "ceiling", "setup", "checkpoints"])
+    p.add_argument("--vocab", type=int, default=40135)
+    p.add_argument("--min-seconds", type=float, default=0.25, help="ceiling: seconds per timing")
     p.add_argument("--data")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--size", type=int, default=2048)
@@ -96,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     if a.name == "peak":
         out = peak(a.size)
+    elif a.name == "ceiling":
+        out = ceiling(a.vocab, a.min_seconds)
     elif a.name == "setup":
         out = setup(a.data)
     else:

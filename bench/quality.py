@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +38,12 @@ PROMPTS = ("this movie was", "the acting in this film", "i would not recommend",
            "my wife and i")
 SAMPLING = ("generate.temperature=0.8", "generate.top_k=50", "generate.max_new_tokens=30", "generate.seed=0",
             "generate.precision=fp32")
+HOLDOUT_EVERY = 25  # 1,000 of the 25,000 training reviews
+VALIDATION = {"test": ["data.val_split=test", "data.val_stride=10"],
+              "holdout": ["data.val_split=holdout", f"data.holdout_every={HOLDOUT_EVERY}",
+                          "data.val_stride=1"]}
+VAL_LABEL = {"test": "every 10th test review (2,500)",
+             "holdout": f"every {HOLDOUT_EVERY}th training review (1,000), kept out of training"}
 DEFAULT_RECIPES = ("notebook=configs/imdb_seed.yaml:100", "ours=configs/imdb_fast.yaml:250")
 
 
@@ -50,6 +57,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--override", action="append", default=[], metavar="NAME:KEY=VALUE",
                    help="an override for one recipe, e.g. ours:train.batch_size=32")
+    p.add_argument("--val", choices=("test", "holdout"), default="test",
+                   help="test: every 10th test review (reported, never selected on); holdout: every "
+                        f"{HOLDOUT_EVERY}th training review, kept out of training (for choosing a recipe)")
+    p.add_argument("--no-samples", action="store_true", help="skip samples.md")
     p.add_argument("--report-only", action="store_true",
                    help="only rewrite the table and the plot from WORK/quality.json")
     args = p.parse_args()
@@ -61,14 +72,32 @@ def main() -> None:
         return
     work.mkdir(parents=True, exist_ok=True)
     recipes = [parse_recipe(r) for r in (args.recipe or DEFAULT_RECIPES)]
-    result = {"budget_min": args.budget_min, "data": args.data, "machine": machine(), "recipes": {}}
+    result = {"budget_min": args.budget_min, "data": args.data, "val": args.val, "machine": machine(),
+              "recipes": earlier_recipes(work / "quality.json", args.val, args.data)}
     for name, config, every in recipes:
         extra = [o.split(":", 1)[1] for o in args.override if o.startswith(f"{name}:")]
         result["recipes"][name] = train(name, config, every, extra, args, work / name)
         write(result, work)  # after each recipe: a long run interrupted keeps what it measured
-    completions = {name: samples(work / name, work / f"{name}-samples") for name, _, _ in recipes}
-    (work / "samples.md").write_text(samples_markdown(completions))
+    if not args.no_samples:  # every recipe of the table: a resumed run's samples are redone
+        completions = {name: samples(work / name, work / f"{name}-samples") for name in result["recipes"]}
+        (work / "samples.md").write_text(samples_markdown(completions))
     print_table(result)
+
+
+def earlier_recipes(path: Path, val: str, data: str) -> dict:
+    """The recipes an earlier call measured in the same work folder on the same validation set:
+    measuring one more recipe keeps the others in the table and the plot."""
+    if not path.exists():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+        recipes = earlier["recipes"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path} is not a quality.json ({e}): use another --work") from None
+    if (earlier.get("val", "test"), earlier.get("data")) != (val, data):
+        raise SystemExit(f"{path} was measured with --val {earlier.get('val', 'test')} on "
+                         f"{earlier.get('data')}: use another --work")
+    return recipes
 
 
 def parse_recipe(text: str) -> tuple[str, str, int]:
@@ -80,8 +109,8 @@ def parse_recipe(text: str) -> tuple[str, str, int]:
 
 
 def train(name: str, config: str, every: int, extra: list[str], args, run: Path) -> dict:
-    overrides = [f"run.dir={run}", f"data.source={args.data}", "data.val_split=test", "data.val_stride=10",
-                 "data.val_limit=0", "train.max_steps=1000000000", f"train.eval_interval={every}",
+    overrides = [f"run.dir={run}", f"data.source={args.data}", *VALIDATION[args.val], "data.val_limit=0",
+                 "train.max_steps=1000000000", f"train.eval_interval={every}",
                  f"train.log_interval={min(every, 50)}", f"train.checkpoint_interval={every}",
                  f"train.max_train_seconds={args.budget_min * 60:g}", "train.keep_checkpoints=1",
                  "tracking.wandb_mode=disabled", *([f"run.threads={args.threads}"] if args.threads else []),
@@ -100,7 +129,8 @@ def train(name: str, config: str, every: int, extra: list[str], args, run: Path)
 
 
 def samples(run: Path, out: Path) -> list[str]:
-    """The run's completions of PROMPTS (bulk generation, one shard; a finished folder is reused)."""
+    """The run's completions of PROMPTS from its last checkpoint (bulk generation, one shard)."""
+    shutil.rmtree(out, ignore_errors=True)  # an earlier folder may come from an earlier checkpoint
     prompts = out.with_name(out.name + ".jsonl")
     prompts.write_text("".join(json.dumps({"id": i, "prompt": t}) + "\n" for i, t in enumerate(PROMPTS)))
     cmd = [sys.executable, "-m", "lmcore", "generate", f"run.dir={run}", f"generate.prompts={prompts}",
@@ -164,8 +194,8 @@ def markdown(result: dict) -> str:
         tail = f" | {best:.1f} | {len(r['curve'])} |\n" if best is not None else " | – | 0 |\n"
         lines.append(f"| {name} (`{r['config']}`) | " + " | ".join(cells) + tail)
     m = result["machine"]
-    lines.append(f"\nMasked perplexity on every 10th test review (2,500) at each mark: the last validation "
-                 "at or before it (in brackets, its training minute); "
+    lines.append(f"\nMasked perplexity on {VAL_LABEL[result.get('val', 'test')]} at each mark: the last "
+                 "validation at or before it (in brackets, its training minute); "
                  f"{m['cpus']} CPUs, torch {m['torch']}, {m['threads']} threads, AMX {m['amx']}, "
                  f"{m['date']}.\n")
     return "".join(lines)
@@ -183,7 +213,8 @@ def plot(result: dict, path: Path) -> None:
         label = f"{name} ({Path(r['config']).name})"
         ax.plot(xs, [v["val_ppl"] for v in r["curve"]], marker=".", label=label)
     ax.set(xlabel="training minutes (optimizer steps only)",
-           ylabel="masked perplexity, every 10th test review", yscale="log",
+           ylabel=f"masked perplexity, {VAL_LABEL[result.get('val', 'test')].split(' (')[0]}",
+           yscale="log",
            title="quality against training time")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()

@@ -98,6 +98,9 @@ class TrainConfig:
     grad_accum: int = setting(1, "micro-batches per optimizer step", gt=0, le=1024)
     mixed_precision: Literal["no", "bf16"] = setting("no", "autocast precision of the matmuls")
     loss_chunk: int = setting(128, "rows per chunk of the fused projection + loss; 0 = plain PyTorch", ge=0)
+    loss_precision: Literal["autocast", "auto", "fp32", "bf16", "fp16"] = setting(
+        "autocast", "full softmax: the fused loss's three matmuls; autocast = mixed_precision's; auto = each "
+                    "in the precision measured fastest at its shape on this CPU (cached, kept by the run)")
     log_interval: int = setting(20, "a metrics row (and a log line) every N steps", gt=0)
     eval_interval: int = setting(0, "validate every N steps; 0 = only at the end", ge=0)
     checkpoint_interval: int = setting(500, "save a checkpoint every N steps", gt=0)
@@ -200,6 +203,10 @@ class Config:
         if self.train.epochs == 0 and self.train.max_steps == 0:
             fail("train.epochs", "train.epochs or train.max_steps must be above 0")
         m = self.model
+        if self.train.loss_precision != "autocast" and (m.softmax != "full" or not self.train.loss_chunk):
+            fail("train.loss_precision", f"train.loss_precision={self.train.loss_precision} is the precision "
+                                         "of the full softmax's fused loss: it needs model.softmax=full and "
+                                         "train.loss_chunk > 0; else leave it at autocast")
         if m.softmax == "adaptive":
             if m.tie_weights:
                 fail("model.tie_weights", "model.tie_weights needs model.softmax=full (the adaptive softmax "

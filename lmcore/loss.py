@@ -5,31 +5,92 @@ fp32, and reading and writing them several times (softmax, its gradient) costs m
 the matmuls. Here each chunk of rows is projected, turned into its loss *and* its
 gradients while it is still in cache, and dropped; backward only scales the stored
 gradients. Three matmuls per chunk, as the plain version, and memory of one chunk.
+
+Each of the three may run in its own precision (`dtypes`: fp32, bf16 or fp16, chosen by
+train.loss_precision; lmcore/runtime/precision.py); the softmax, the loss and the sums of the
+gradients stay in fp32, and fp16's gradient is scaled so that small probabilities survive.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+MATMULS = ("out", "out_grad_h", "out_grad_w")  # per chunk: logits, d/dh, d/dweight
+FP16_RANGE = 60000.0  # below fp16's largest finite value, 65,504
+F32 = torch.float32
 
-def _compute_dtype(device_type: str) -> torch.dtype | None:
+Dtypes = tuple[torch.dtype | None, torch.dtype | None, torch.dtype | None]
+
+
+def _autocast_dtypes(device_type: str) -> Dtypes:
     if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
+        d = torch.get_autocast_dtype(device_type)
+        return d, d, d
+    return None, None, None
+
+
+def fp16_grad_scale(rows: int, h_in: torch.Tensor, w: torch.Tensor) -> float:
+    """The power of two the softmax gradient g is multiplied by before its cast to fp16 (and
+    divided by after, exactly): as large as fp16's range allows for both gradient matmuls, so
+    that small probabilities do not flush to zero. |g| <= 1 entrywise and sums to at most 2 per
+    row, so a chunk's d/dweight entry is at most rows * max|h| and a d/dh entry 2 * max|w|."""
+    bound = max(rows * float(h_in.abs().max()), 2.0 * float(w.abs().max()), 1e-30)
+    return float(2.0 ** min(24, max(0, math.floor(math.log2(FP16_RANGE / bound)))))
+
+
+class _Operands:
+    """Each matmul's operands in its own precision (None: fp32), cast once per call, and the
+    buffers a low-precision gradient needs, made once and reused by every chunk."""
+
+    def __init__(self, h_in: torch.Tensor, w: torch.Tensor, k: int, rows: int, dtypes: Dtypes,
+                 grads: bool):
+        self.dtypes = dtypes
+        d_out, d_gh, d_gw = dtypes
+        self.w_out, self.h_out = w.to(d_out or F32), h_in.to(d_out or F32)
+        self.out_lo = None if d_out is None else torch.empty(rows, w.shape[0], dtype=d_out, device=w.device)
+        if not grads:
+            return
+        self.w_gh = w[:, :k].to(d_gh or F32)
+        self.h_gw = h_in.to(d_gw or F32)
+        self.scale = fp16_grad_scale(rows, h_in, w) if torch.float16 in (d_gh, d_gw) else 1.0
+        self.g_lo = {d: torch.empty(rows, w.shape[0], dtype=d, device=w.device)
+                     for d in {d_gh, d_gw} - {None}}
+        self.gw_part = None if d_gw is None else torch.empty(w.shape, dtype=d_gw, device=w.device)
+
+    def chunk_grads(self, g: torch.Tensor, rows: slice, grad_h: torch.Tensor, grad_w: torch.Tensor) -> None:
+        """d/dh of the chunk's rows (into grad_h) and its part of d/dweight (added to grad_w)
+        from its softmax gradient g (fp32), each matmul in its precision, summed in fp32."""
+        _, d_gh, d_gw = self.dtypes
+        cast = {None: g}
+        for d, buf in self.g_lo.items():
+            cast[d] = torch.mul(g, self.scale, out=buf[: g.shape[0]]) if d == torch.float16 \
+                else buf[: g.shape[0]].copy_(g)
+        if d_gh is None and grad_h.dtype == F32:
+            torch.mm(g, self.w_gh, out=grad_h[rows])
+        else:
+            grad_h[rows] = cast[d_gh] @ self.w_gh
+            if d_gh == torch.float16:
+                grad_h[rows] *= 1.0 / self.scale  # a power of two: exact
+        if d_gw is None:
+            grad_w.addmm_(g.t(), self.h_gw[rows])
+        else:
+            torch.mm(cast[d_gw].t(), self.h_gw[rows], out=self.gw_part)
+            grad_w.add_(self.gw_part, alpha=1.0 / self.scale if d_gw == torch.float16 else 1.0)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, chunk: int, dtype: torch.dtype | None, grad_enabled: bool
-                ) -> torch.Tensor:
+                targets: torch.Tensor, chunk: int, dtypes: Dtypes, grad_enabled: bool) -> torch.Tensor:
         # needs_input_grad is set even under no_grad: eval must not pay for gradients.
         needs_grad = grad_enabled and any(ctx.needs_input_grad[:3])
-        fp32 = dtype is None and h.dtype == weight.dtype == torch.float32 and (
-            bias is None or bias.dtype == torch.float32)
         k = h.shape[1]
-        fold = fp32 and bias is not None
+        # (a low-precision forward or weight gradient keeps the bias, and its gradient, in fp32)
+        fold = (bias is not None and dtypes[0] is None and dtypes[2] is None
+                and h.dtype == weight.dtype == bias.dtype)
         if fold:
             # The bias as one more input column: h gets a column of ones, the weight the bias.
             # The matmul then adds it (addmm would first copy it into every row of the logits,
@@ -38,43 +99,38 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             w = torch.cat([weight, bias.unsqueeze(1)], dim=1)
             h_in = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
         else:
-            w = weight.to(dtype) if dtype is not None else weight
-            h_in = h
+            w, h_in = weight, h
+        rows_max = min(chunk, h.shape[0])
+        ops = _Operands(h_in, w, k, rows_max, dtypes, needs_grad)
         grad_h = torch.empty_like(h) if needs_grad else None
-        grad_w = torch.zeros_like(w, dtype=torch.float32) if needs_grad else None
-        grad_b = torch.zeros_like(bias, dtype=torch.float32) if needs_grad and bias is not None else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_w = torch.zeros_like(w, dtype=F32) if needs_grad else None
+        grad_b = torch.zeros_like(bias, dtype=F32) if needs_grad and bias is not None and not fold else None
+        total = torch.zeros((), dtype=F32, device=h.device)
         # One logits buffer for every chunk: a fresh tensor above glibc's mmap threshold
         # (32 MB) per chunk costs more in page faults than the softmax does.
-        buf = torch.empty(min(chunk, h.shape[0]), weight.shape[0], dtype=torch.float32, device=h.device)
+        buf = torch.empty(rows_max, weight.shape[0], dtype=F32, device=h.device)
         for lo in range(0, h.shape[0], chunk):
-            hc_c = h_in[lo : lo + chunk]
-            hc_c = hc_c.to(dtype) if dtype is not None else hc_c
-            logits = buf[: hc_c.shape[0]]
-            if fp32:
-                torch.mm(hc_c, w.t(), out=logits)
+            rows = slice(lo, lo + chunk)
+            logits = buf[: min(chunk, h.shape[0] - lo)]
+            if ops.out_lo is None:
+                torch.mm(ops.h_out[rows], ops.w_out.t(), out=logits)
             else:
-                logits.copy_(hc_c @ w.t())
-                if bias is not None:
-                    logits += bias.float()
-            tc = targets[lo : lo + chunk].unsqueeze(1)
+                logits.copy_(torch.mm(ops.h_out[rows], ops.w_out.t(), out=ops.out_lo[: logits.shape[0]]))
+            if bias is not None and not fold:
+                logits += bias.float()
+            tc = targets[rows].unsqueeze(1)
             row_max = logits.amax(dim=1, keepdim=True)
             total += (row_max - logits.gather(1, tc)).sum()
             mass = logits.sub_(row_max).exp_().sum(dim=1, keepdim=True)  # logits now exp(l - max)
             total += mass.log().sum()
             if needs_grad:
-                # d(sum of losses)/d(logits) = softmax - one_hot, in place.
+                # d(sum of losses)/d(logits) = softmax - one_hot, in place, then straight into
+                # the gradients (no temporaries in fp32).
                 logits.div_(mass)
                 logits.scatter_add_(1, tc, torch.full_like(tc, -1.0, dtype=logits.dtype))
-                if fp32:  # straight into the gradients, no temporaries
-                    torch.mm(logits, w[:, :k], out=grad_h[lo : lo + chunk])
-                    grad_w.addmm_(logits.t(), hc_c)
-                else:
-                    g = logits.to(dtype) if dtype is not None else logits
-                    grad_h[lo : lo + chunk] = (g @ w).to(h.dtype)
-                    grad_w += (g.t() @ hc_c).float()
-                    if grad_b is not None:
-                        grad_b += logits.sum(0)
+                if grad_b is not None:
+                    grad_b += logits.sum(0)
+                ops.chunk_grads(logits, rows, grad_h, grad_w)
         if needs_grad and fold:
             grad_b, grad_w = grad_w[:, k].contiguous(), grad_w[:, :k].contiguous()
         if needs_grad:
@@ -97,12 +153,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+                         targets: torch.Tensor, chunk: int = 1024, dtypes: Dtypes | None = None
+                         ) -> torch.Tensor:
     """Summed cross-entropy of softmax(h @ weight.T + bias) against targets, as float32.
-    chunk = 0 uses the plain PyTorch path (all logits at once)."""
+    chunk = 0 uses the plain PyTorch path (all logits at once). dtypes: the precision of the
+    forward, input-gradient and weight-gradient matmuls (None each: fp32); by default autocast's."""
     if chunk <= 0 or h.shape[0] == 0:
         return F.cross_entropy(F.linear(h, weight, bias).float(), targets, reduction="sum")
-    dtype = _compute_dtype(h.device.type)
+    if dtypes is None:
+        dtypes = _autocast_dtypes(h.device.type)
     with torch.autocast(h.device.type, enabled=False):
-        return _ChunkedLinearCrossEntropy.apply(h, weight, bias, targets, chunk, dtype,
+        return _ChunkedLinearCrossEntropy.apply(h, weight, bias, targets, chunk, dtypes,
                                                 torch.is_grad_enabled())

@@ -22,7 +22,7 @@ from safetensors.torch import load as load_tensors
 from lmcore.config import ModelConfig
 from lmcore.data.batching import IGNORE
 from lmcore.errors import CheckpointError, ConfigError, first_line
-from lmcore.loss import linear_cross_entropy
+from lmcore.loss import Dtypes, linear_cross_entropy
 from lmcore.schema import Reader, Value
 
 State = tuple[torch.Tensor, torch.Tensor]
@@ -53,6 +53,7 @@ class LSTMLM(nn.Module):
         self.vocab_size = vocab_size
         self.cfg = cfg
         self.loss_chunk = loss_chunk  # rows per chunk of the fused projection + loss; 0 = plain
+        self.loss_dtypes: Dtypes | None = None  # its three matmuls' precisions; None: autocast's
         self.embedding = nn.Embedding(vocab_size, cfg.embedding_dim, padding_idx=pad_id)
         self.lstm = nn.LSTM(
             cfg.embedding_dim,
@@ -156,8 +157,10 @@ class LSTMLM(nn.Module):
             with torch.autocast(scored.device.type, enabled=False):
                 loss_sum = -self.adaptive(scored.float(), targets[keep]).output.sum()
         else:
+            # (validation runs without gradients, in fp32 as lmcore eval does)
+            dtypes = self.loss_dtypes if torch.is_grad_enabled() else None
             loss_sum = linear_cross_entropy(scored, self.head.weight, self.head.bias, targets[keep],
-                                            self.loss_chunk)
+                                            self.loss_chunk, dtypes)
         return LMOutput(None, loss_sum, int(scored.shape[0]), state)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from lmcore import fileio
 from lmcore.checkpoint import Checkpoint, CheckpointWriter, find_latest, list_checkpoints
 from lmcore.config import Config
 from lmcore.data.batching import training_batches
-from lmcore.data.cache import Corpus, load_corpus
+from lmcore.data.cache import Corpus, cache_root, load_corpus
 from lmcore.errors import CheckpointError, LmcoreError, write_failed
 from lmcore.evaluate import evaluate
 from lmcore.model import LSTMLM, adaptive_cutoffs, detach_state
@@ -37,6 +37,7 @@ from lmcore.rundir import RunDir
 from lmcore.runtime.accelerator import (
     all_sum,
     any_rank,
+    broadcast_object,
     lost_contact,
     make_accelerator,
     out_of_memory,
@@ -44,6 +45,7 @@ from lmcore.runtime.accelerator import (
     rank_hosts,
 )
 from lmcore.runtime.lock import RunLock
+from lmcore.runtime.precision import dtypes_of, resolve
 from lmcore.slurm.env import job_record
 from lmcore.track.metrics import MetricsLog
 from lmcore.track.progress import Progress
@@ -93,6 +95,7 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.early_stopped = False
         self.hosts = rank_hosts(acc)  # for the message if a rank's node dies
+        self.loss_precision_why = ""  # what train.loss_precision chose, and why (_choose_loss_precision)
 
     # -- setup ----------------------------------------------------------------------------------
     def resume_or_start(self) -> None:
@@ -111,6 +114,7 @@ class Trainer:
             for problem in latest.problems:
                 warnings.warn(f"skipping damaged checkpoint: {problem}", stacklevel=2)
             self.restore(latest.checkpoint)
+        self._choose_loss_precision()
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.raw_model: LSTMLM = self.acc.unwrap_model(self.model)
         self.tracker = open_tracker(cfg, run.path, job="train", enabled=self.main)
@@ -125,6 +129,37 @@ class Trainer:
                 row = json.dumps({**job, "kind": "train", "step": self.state.step,
                                   "time": round(time.time(), 3)})
                 self._record(run.jobs, lambda: fileio.append_line(run.jobs, row))
+
+    def _choose_loss_precision(self) -> None:
+        """train.loss_precision, decided once per run on the main rank and shared (a timing could
+        differ between ranks); "auto" keeps a resumed run's earlier choice."""
+        t, s = self.cfg.train, self.state
+        earlier = s.loss_precision if self.resumed_from is not None else ""
+        try:
+            dtypes_of(earlier)
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {self.resumed_from}: trainer_state.json: {e}; resume it with "
+                                  "the lmcore version that wrote it") from None
+        if t.loss_precision == "auto" and earlier:
+            self.loss_precision_why = "auto: the run's earlier choice"
+        else:
+            choice, self.loss_precision_why = broadcast_object(
+                self.acc, self._decide_loss_precision() if self.main else None)
+            if earlier and choice != earlier:
+                warnings.warn(f"train.loss_precision={t.loss_precision} ({choice}) is not what the run used "
+                              f"before ({earlier}): the resumed run is not bit-identical to an uninterrupted "
+                              "one", stacklevel=2)
+            s.loss_precision = choice
+        self.model.loss_dtypes = dtypes_of(s.loss_precision)
+
+    def _decide_loss_precision(self) -> tuple[str, str]:
+        t = self.cfg.train
+        if t.loss_precision == "auto" and self.acc.device.type != "cpu":
+            return "autocast", (f"auto on {self.acc.device.type}: the probe measures CPU matmuls, so the "
+                                "loss follows train.mixed_precision")
+        head = getattr(self.model, "head", None)  # (the config allows auto only with the full softmax)
+        return resolve(t.loss_precision, t.loss_chunk, head.in_features if head is not None else 0,
+                       len(self.corpus.tokenizer), cache_root(self.cfg.data))
 
     def _record(self, path: Path, write: Callable[[], None]) -> None:
         try:
@@ -314,6 +349,9 @@ class Trainer:
         self.bar.write(f"vocab {len(tok)}, {len(self.corpus.train)} reviews, {self.batches.steps_per_epoch} "
                        f"batches/epoch, {self.total_steps} steps, world size {self.world}, device "
                        f"{self.acc.device}, precision {self.cfg.train.mixed_precision}")
+        if self.cfg.train.loss_precision != "autocast":
+            self.bar.write(f"loss matmuls (out, out_grad_h, out_grad_w): {s.loss_precision} "
+                           f"({self.loss_precision_why})")
 
     def log(self, out: StepOutput) -> None:
         """A metrics row every train.log_interval steps (and at the end), averaged over its window."""

@@ -130,6 +130,11 @@ def trainer_state_without_keys(tmp: Path) -> bytes:
     return json.dumps({k: v for k, v in state.items() if k not in ("epoch", "index")}).encode()
 
 
+def trainer_state_bad_loss_precision(tmp: Path) -> bytes:
+    state = json.loads((newest(tmp) / "trainer_state.json").read_text())
+    return json.dumps({**state, "loss_precision": "fp8,fp32,fp32"}).encode()
+
+
 def newer_architecture(tmp: Path) -> None:
     """What a checkpoint written by a newer lmcore looks like: an architecture key this one lacks."""
     for ckpt in checkpoints(tmp):
@@ -506,6 +511,14 @@ CASES: dict[str, Case] = {
         RESUME, ("{ckpt}", "trainer_state.json"),
         in_checkpoint("trainer_state.json", trainer_state_without_keys),
         run=True, slow=True),
+    "trainer-state-unknown-loss-precision": Case(
+        RESUME, ("{ckpt}", "trainer_state.json", "'fp8,fp32,fp32'"),
+        in_checkpoint("trainer_state.json", trainer_state_bad_loss_precision), run=True),
+    "loss-precision-with-the-adaptive-softmax": Case(
+        (*NEW_RUN, "model.softmax=adaptive", "train.loss_precision=fp16"),
+        ("train.loss_precision=fp16", "model.softmax=full")),
+    "loss-precision-without-the-fused-loss": Case(
+        (*NEW_RUN, "train.loss_chunk=0", "train.loss_precision=auto"), ("train.loss_chunk > 0",), slow=True),
     # -- data files (hunt) --------------------------------------------------------------------------------
     "data-min-count-above-every-word": Case(
         (*data("{tmp}/data/train.jsonl"), "data.min_count=1000"),

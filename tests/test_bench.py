@@ -48,13 +48,13 @@ def test_bench_all_sections_tiny(tmp_path):
         # the tiny vocabulary (~470 words) is below imdb_fast's first cutoff (2000)
         "--ttq-override", "model.adaptive_cutoffs=[100,200]",
         "--gen-prompts", "4", "--gen-ref-prompts", "2", "--gen-new-tokens", "3", "--gen-repeats", "1",
-        "--gen-precisions", "fp32")
+        "--gen-precisions", "fp32", "--ceiling-min-seconds", "0.005")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert set(res["sections"]) == {"peak", "train", "ttq", "eval", "gen"}
     names = [t["name"] for t in res["targets"]]
-    assert names == ["train_throughput", "train_peak_fraction", "train_memory", "time_to_quality",
-                     "eval_throughput", "generation"]
+    assert names == ["train_throughput", "train_ceiling_fraction", "train_memory", "time_to_quality",
+                     "eval_throughput", "eval_ceiling_fraction", "generation", "gen_ceiling_fraction"]
     for t in res["targets"]:
         assert t["reference"] is not None and isinstance(t["pass"], bool), t
         if t["name"] != "time_to_quality" or t["ours"] is not None:
@@ -62,6 +62,12 @@ def test_bench_all_sections_tiny(tmp_path):
 
     peak = res["sections"]["peak"]
     assert peak["fp32_gflops"] > 0 and peak["bf16_gflops"] > 0 and peak["higher"] in ("fp32", "bf16")
+    for job, matmuls in (("train", 9), ("eval", 3), ("gen", 4)):  # every matmul of the job, timed
+        j = peak["jobs"][job]
+        assert len(j["matmuls"]) == matmuls and set(j["ceiling_gflops"]) == {"fp32", "bf16", "fp16", "best"}
+        # "best" lets each part take its fastest precision: never below fp32 or bf16 throughout
+        assert j["ceiling_gflops"]["best"] >= max(j["ceiling_gflops"]["fp32"], j["ceiling_gflops"]["bf16"])
+    assert "int8" in peak["jobs"]["gen"]["matmuls"]["out_int8"]
     train = res["sections"]["train"]
     (ours,) = train["ours"]
     assert ours["variant"] == "seed" and ours["steps"] == 2 and ours["real_tokens_per_s"] > 0

@@ -36,14 +36,14 @@ def test_version_and_python_dash_m(tmp_path: Path):
 
 def test_built_in_configs_and_profiles_are_listed_and_taken_by_name(tmp_path: Path):
     listing = lmcore("configs", cwd=tmp_path).stdout
-    for name in ("tiny", "imdb_seed", "imdb_fast", "local", "gpu_example"):
+    for name in ("tiny", "imdb_seed", "imdb_fast", "imdb_best", "local", "gpu_example"):
         assert f"  {name} " in listing
     assert "the notebook's recipe" in listing
     by_name = lmcore("config", "--config", "imdb_seed", cwd=tmp_path)
     by_path = lmcore("config", "--config", str(REPO / "configs" / "imdb_seed.yaml"), cwd=tmp_path)
     assert by_name.returncode == 0 and by_name.stdout == by_path.stdout
-    assert "unknown built-in config 'nope'; the built-in ones are imdb_fast, imdb_seed, tiny" in one_error(
-        lmcore("train", "--config", "nope", cwd=tmp_path))
+    assert ("unknown built-in config 'nope'; the built-in ones are imdb_best, imdb_fast, imdb_seed, tiny"
+            in one_error(lmcore("train", "--config", "nope", cwd=tmp_path)))
     assert "the built-in ones are gpu_example, local" in one_error(
         lmcore("submit", "train", "--cluster", "nope", "--dry-run", cwd=tmp_path))
     assert "does not exist" in one_error(lmcore("train", "--config", "mine.yaml", cwd=tmp_path))

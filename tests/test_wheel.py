@@ -50,7 +50,8 @@ def test_the_wheel_holds_the_configs_profiles_and_sbatch_template(user):
     dash_m = run([str(bin_ / "python"), "-m", "lmcore", "--version"], cwd, env).stdout
     assert dash_m.strip() == f"lmcore {__version__}"
     listing = run([str(bin_ / "lmcore"), "configs"], cwd, env).stdout
-    assert all(f"  {n} " in listing for n in ("tiny", "imdb_seed", "imdb_fast", "local", "gpu_example"))
+    builtin = ("tiny", "imdb_seed", "imdb_fast", "imdb_best", "local", "gpu_example")
+    assert all(f"  {n} " in listing for n in builtin)
     template = run([str(bin_ / "lmcore"), "sbatch-template"], cwd, env).stdout
     assert template == (REPO / "slurm" / "lmcore.sbatch").read_text()
 

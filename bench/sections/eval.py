@@ -13,6 +13,8 @@ from children import proc_fields
 from context import EVAL_STRIDE, TARGETS, Bench
 from report import table
 
+from . import peak
+
 
 def _commands(b: Bench) -> tuple[list[str], list[str], dict, int]:
     """(our command, the reference's, the checkpoints, the review limit) on the same weights."""
@@ -86,3 +88,17 @@ def run(b: Bench) -> None:
              f"same weights ({ck['weights'].split(':')[0]}); masked ppl ours {ours[0]['masked_ppl']} "
              f"vs reference {refs[0]['masked_ppl']} ({rel:+.2%}), targets {ours[0]['targets']} vs "
              f"{refs[0]['targets']}: {'agree' if agree else 'DIFFER'}")
+    _ceiling_target(b, our_tps)
+
+
+def _ceiling_target(b: Bench, our_tps: float) -> None:
+    """Our eval's model FLOP rate (forward of the LSTM and the output layer per real token)
+    against the eval batch's own ceiling (bench/ceiling.py); eval runs fp32."""
+    gflops = our_tps * peak.run(b)["jobs"]["eval"]["gflop_per_token"]
+    f = peak.fraction(b, "eval", gflops, ("fp32",))
+    b.result["sections"]["eval"].update(model_gflops=round(gflops, 1), **f)
+    b.target("eval_ceiling_fraction", "eval model FLOP rate / the eval batch's ceiling, each matmul in "
+             "its fastest precision", f["best_mix_ceiling_gflops"], round(gflops, 1), "GFLOP/s",
+             f["fraction_of_best_mix"], f">= {TARGETS['ceiling_fraction']:g}",
+             f["fraction_of_best_mix"] >= TARGETS["ceiling_fraction"],
+             f"of the fp32 ceiling ({f['ceiling_gflops']} GFLOP/s): {f['fraction_of_ceiling']}")

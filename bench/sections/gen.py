@@ -12,6 +12,8 @@ from children import proc_fields
 from context import HERE, TARGETS, Bench
 from report import table
 
+from . import peak
+
 
 def run(b: Bench) -> None:
     a = b.args
@@ -40,3 +42,19 @@ def run(b: Bench) -> None:
              best["ratio_median"] >= TARGETS["gen_ratio"],
              f"medians of {len(ref['runs'])} reference runs and {a.gen_repeats} of ours; decoder loop "
              f"time; job wall ratio {best['ratio_job_best']}x (best/best)")
+    _ceiling_target(b, best_name, best["median"])
+
+
+def _ceiling_target(b: Bench, config: str, new_tps: float) -> None:
+    """The best configuration's model FLOP rate (the LSTM cell and the output layer per new
+    token) against a decoding step's own ceiling (bench/ceiling.py)."""
+    gflops = new_tps * peak.run(b)["jobs"]["gen"]["gflop_per_token"]
+    own = next((p for p in ("int8", "bf16") if p in config), "fp32")
+    f = peak.fraction(b, "gen", gflops, ("bf16",) if own == "bf16" else ("fp32",))
+    b.result["sections"]["gen"].update(model_gflops=round(gflops, 1), **f)
+    b.target("gen_ceiling_fraction", f"generation model FLOP rate / a decoding step's ceiling, each "
+             f"matmul in its fastest precision ({config})", f["best_mix_ceiling_gflops"], round(gflops, 1),
+             "GFLOP/s", f["fraction_of_best_mix"], f">= {TARGETS['ceiling_fraction']:g}",
+             f["fraction_of_best_mix"] >= TARGETS["ceiling_fraction"],
+             f"of the {f['ceiling_precision']} ceiling ({f['ceiling_gflops']} GFLOP/s): "
+             f"{f['fraction_of_ceiling']}")

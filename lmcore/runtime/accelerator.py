@@ -119,6 +119,15 @@ def all_sum(accelerator, values: list[float]) -> list[float]:
     return accelerator.reduce(t, reduction="sum").tolist()
 
 
+def broadcast_object(accelerator, obj):
+    """Rank 0's (picklable) obj on every rank: a decision made once, shared."""
+    if accelerator.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([obj], from_process=0)[0]
+
+
 def any_rank(accelerator, flag: bool) -> bool:
     """True on every rank if any rank says so: how ranks agree to stop at the same step."""
     if accelerator.num_processes == 1:

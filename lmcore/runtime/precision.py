@@ -1,0 +1,142 @@
+"""The precision of each matmul of the fused loss (train.loss_precision).
+
+With the full softmax, three matmuls per chunk of rows dominate a training step: the logits
+(chunk x hidden+1 @ hidden+1 x vocab), the input gradient (chunk x vocab @ vocab x hidden) and the
+weight gradient (vocab x chunk @ chunk x hidden+1, a transposed operand). Which precision is
+fastest differs per matmul and per CPU: measured on a 2-core AVX512-FP16 machine without AMX
+(torch 2.13, 2 threads), the 128-row weight-gradient matmul ran 136 GFLOP/s in fp32 and 259 in
+fp16 while the input-gradient one was about equal; with AMX, bf16 is far ahead. So "auto" times
+the fused loss itself (forward and backward of one chunk at the run's shape: the casts, the
+bias pass and fp16's scaling included) with each matmul in fp32, bf16 and fp16 in turn, keeps a
+lower precision only where it saves at least MARGIN of the chunk's time, and checks the
+combination. That takes a few seconds, once per machine: the result is cached by CPU, torch
+version, threads and shape (delete CACHE/precision/ to measure again). The run keeps its choice
+in its train state, so every rank and every resume uses the same one (a requeue onto another
+kind of node changes nothing: bit-exact resume holds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from lmcore import fileio
+from lmcore.loss import MATMULS, Dtypes, linear_cross_entropy
+
+NAMES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MARGIN = 0.05  # a lower precision must save 5% of a chunk's time: timings differ by ~2-3% run to run
+CACHE_VERSION = 2
+
+
+def dtypes_of(choice: str) -> Dtypes | None:
+    """'fp16,fp32,fp16' (out, out_grad_h, out_grad_w) -> the dtypes; 'autocast' or '' -> None."""
+    if choice in ("", "autocast"):
+        return None
+    parts = choice.split(",")
+    if len(parts) != len(MATMULS) or any(p not in NAMES for p in parts):
+        raise ValueError(f"a loss precision is 'autocast' or three of {', '.join(NAMES)}, comma-separated; "
+                         f"got {choice!r}")
+    return tuple(NAMES[p] for p in parts)  # type: ignore[return-value]
+
+
+def resolve(setting: str, chunk: int, hidden: int, vocab: int, cache_dir: Path) -> tuple[str, str]:
+    """(the choice: 'autocast' or 'out,grad_h,grad_w'; a line saying why)."""
+    if setting == "autocast":
+        return "autocast", "the loss's matmuls follow train.mixed_precision"
+    if setting in NAMES:
+        return ",".join([setting] * len(MATMULS)), f"all three loss matmuls in {setting}"
+    ms = _cached_probe(chunk, hidden, vocab, cache_dir)
+    why = "; ".join(f"{m} {p} ({', '.join(f'{q} {ms[m][q]:.1f}' for q in NAMES)} ms)"
+                    for m, p in zip(MATMULS, ms["picks"], strict=True))
+    return ",".join(ms["picks"]), (f"auto, one {chunk}-row chunk forward and backward: {why}; together "
+                                   f"{ms['combined']:.1f} ms")
+
+
+def _machine() -> str:
+    desc = [platform.machine(), platform.processor(), torch.backends.cpu.get_cpu_capability()]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        desc += [ln.split(":", 1)[1].strip() for ln in lines
+                 if ln.startswith(("model name", "flags", "Features", "CPU part"))][:3]
+    except OSError:
+        pass
+    return " | ".join(desc)
+
+
+def _cached_probe(chunk: int, hidden: int, vocab: int, cache_dir: Path) -> dict:
+    key = "\n".join(map(str, (CACHE_VERSION, _machine(), torch.__version__, torch.get_num_threads(),
+                              chunk, hidden, vocab)))
+    path = cache_dir / "precision" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+    try:
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key and _well_formed(cached["ms"]):
+            return cached["ms"]
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        pass  # absent or unreadable: measure again
+    ms = probe(chunk, hidden, vocab)
+    try:
+        fileio.atomic_write_json(path, {"key": key, "ms": ms})
+    except OSError as e:  # a cache that cannot be written costs the next run a few seconds
+        warnings.warn(f"the loss-precision probe was not cached in {path} ({e.strerror or e}); the next "
+                      "run measures again", stacklevel=2)
+    return ms
+
+
+def _well_formed(ms: dict) -> bool:
+    return (all(isinstance(ms[m][p], float) for m in MATMULS for p in NAMES)
+            and isinstance(ms["combined"], float) and len(ms["picks"]) == 3
+            and set(ms["picks"]) <= set(NAMES))
+
+
+def probe(chunk: int, hidden: int, vocab: int, seconds: float = 0.1) -> dict:
+    """Milliseconds of the fused loss's forward and backward over one chunk at the run's shape:
+    each matmul in fp32, bf16 and fp16 with the others in fp32; the picks (a lower precision
+    where it saves MARGIN of the chunk's time) and their time together ('combined': all fp32
+    again if the savings do not add up). Best of 3 timings of `seconds` each."""
+    h = torch.tanh(torch.randn(chunk, hidden)).requires_grad_()  # an LSTM's output
+    w = (torch.randn(vocab, hidden) * 0.05).requires_grad_()
+    b = torch.zeros(vocab, requires_grad=True)
+    t = torch.randint(0, vocab, (chunk,))
+
+    def ms_of(dtypes: Dtypes) -> float:
+        def call() -> None:
+            h.grad = w.grad = b.grad = None
+            linear_cross_entropy(h, w, b, t, chunk, dtypes).backward()
+
+        return round(_best_time(call, seconds) * 1e3, 3)
+
+    base = ms_of((None, None, None))
+    out: dict = {m: {"fp32": base} for m in MATMULS}
+    for i, m in enumerate(MATMULS):
+        for name in ("bf16", "fp16"):
+            dtypes = [None, None, None]
+            dtypes[i] = NAMES[name]
+            out[m][name] = ms_of(tuple(dtypes))  # type: ignore[arg-type]
+    picks = [min(NAMES, key=lambda p, m=m: out[m][p] / (1.0 if p == "fp32" else 1 - MARGIN))
+             for m in MATMULS]
+    out["combined"] = ms_of(tuple(NAMES[p] for p in picks)) if picks != ["fp32"] * 3 else base
+    if out["combined"] > base * (1 - MARGIN):
+        picks, out["combined"] = ["fp32"] * 3, base  # the savings did not add up
+    out["picks"] = picks
+    return out
+
+
+def _best_time(call, seconds: float) -> float:
+    call()
+    t = time.perf_counter()
+    call()
+    n = max(1, int(seconds / max(time.perf_counter() - t, 1e-6)))
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(n):
+            call()
+        best = min(best, (time.perf_counter() - t) / n)
+    return best

@@ -1,0 +1,94 @@
+"""train.loss_precision: the fused loss's three matmuls in fp32, bf16 or fp16, or "auto": each in
+the precision measured fastest at its shape on this CPU, once (cached), said in the log, and kept
+by the run so that a resume decides nothing again."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from lmcore.runtime.precision import dtypes_of, probe, resolve
+from tests.conftest import run_cli, tiny_overrides
+
+CHOICE = re.compile(r"loss matmuls \(out, out_grad_h, out_grad_w\): (\S+) \((.*)\)")
+
+
+def train(run_dir, *extra: str):
+    proc = run_cli("train", *tiny_overrides(run_dir, **{"run.threads": 1, "data.val_split": "",
+                                                        "tracking.wandb_mode": "disabled"}),
+                   *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def said(proc) -> tuple[str, str]:
+    found = CHOICE.findall(proc.stdout + proc.stderr)
+    assert len(found) == 1, proc.stdout + proc.stderr
+    return found[0]
+
+
+def test_auto_measures_once_says_what_it_picked_and_a_resume_keeps_it(tmp_path):
+    cache = tmp_path / "cache"
+    auto = ("train.loss_precision=auto", f"data.cache_dir={cache}")
+    first = train(tmp_path / "a", *auto, "train.max_steps=4")
+    choice, why = said(first)
+    assert dtypes_of(choice) is not None
+    assert why.startswith("auto, one 128-row chunk forward and backward: out ")
+    (probe_file,) = (cache / "precision").glob("*.json")
+    ms = json.loads(probe_file.read_text())["ms"]
+    assert choice == ",".join(ms["picks"])
+    for m, pick in zip(("out", "out_grad_h", "out_grad_w"), ms["picks"], strict=True):
+        rates = ", ".join(f"{p} {ms[m][p]:.1f}" for p in ("fp32", "bf16", "fp16"))
+        assert f"{m} {pick} ({rates} ms)" in why
+        if pick != "fp32":  # a lower precision only where it saved 5% of the chunk's time
+            assert ms[m][pick] <= 0.95 * ms[m]["fp32"]
+    stamp = probe_file.stat().st_mtime_ns
+
+    # another run on this machine: the cached figures, the same choice
+    again = train(tmp_path / "b", *auto, "train.max_steps=2")
+    assert said(again) == (choice, why) and probe_file.stat().st_mtime_ns == stamp
+
+    # the first run resumed: its own earlier choice, whatever a probe would say now
+    probe_file.unlink()
+    resumed = train(tmp_path / "a", *auto, "train.max_steps=8")
+    assert said(resumed) == (choice, "auto: the run's earlier choice")
+    assert not list((cache / "precision").glob("*.json"))  # nothing was measured again
+    (last,) = sorted((tmp_path / "a" / "checkpoints").glob("step_*"))[-1:]
+    assert json.loads((last / "trainer_state.json").read_text())["loss_precision"] == choice
+
+    # resumed with another explicit precision: it is used, with a warning that says so
+    other = "fp16" if choice != "fp16,fp16,fp16" else "bf16"
+    switched = train(tmp_path / "a", f"train.loss_precision={other}", "train.max_steps=10")
+    assert said(switched)[0] == ",".join([other] * 3)
+    assert f"is not what the run used before ({choice})" in switched.stderr
+
+@pytest.mark.parametrize("setting", ["fp16", "bf16"])
+def test_an_explicit_precision_trains_all_three_matmuls_in_it(tmp_path, setting):
+    proc = train(tmp_path / "r", f"train.loss_precision={setting}", "train.max_steps=6")
+    assert said(proc) == (f"{setting},{setting},{setting}", f"all three loss matmuls in {setting}")
+    rows = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert losses and all(0 < x < 20 for x in losses)
+
+
+def test_the_default_follows_autocast_and_says_nothing_more(tmp_path):
+    proc = train(tmp_path / "r", "train.max_steps=2")
+    assert not CHOICE.findall(proc.stdout + proc.stderr)
+    follows = ("autocast", "the loss's matmuls follow train.mixed_precision")
+    assert resolve("autocast", 128, 32, 100, tmp_path) == follows
+
+
+def test_the_probe_times_every_matmul_in_every_precision():
+    ms = probe(chunk=16, hidden=8, vocab=64, seconds=0.001)
+    assert set(ms) == {"out", "out_grad_h", "out_grad_w", "combined", "picks"}
+    assert all(set(ms[m]) == {"fp32", "bf16", "fp16"} and min(ms[m].values()) > 0
+               for m in ("out", "out_grad_h", "out_grad_w"))
+    assert len(ms["picks"]) == 3 and ms["combined"] > 0
+
+
+def test_a_bad_choice_string_is_refused():
+    with pytest.raises(ValueError, match="three of fp32, bf16, fp16"):
+        dtypes_of("fp16,fp8,fp32")
+    assert dtypes_of("autocast") is None and dtypes_of("") is None  # "": a checkpoint older than the key
