@@ -125,7 +125,7 @@ def train(name: str, config: str, every: int, extra: list[str], args, run: Path)
     curve = validations(run / "metrics.jsonl")
     print(f"[{name}] {len(curve)} validations, {time.time() - t0:.0f} s wall this time", flush=True)
     return {"config": config, "overrides": overrides[1:], "eval_every_steps": every, "curve": curve,
-            "at_minutes": {str(m): at(curve, m) for m in MARKS_MIN if m <= args.budget_min + 1e-9}}
+            "at_minutes": {f"{m:g}": at(curve, m) for m in marks(args.budget_min)}}
 
 
 def samples(run: Path, out: Path) -> list[str]:
@@ -160,9 +160,16 @@ def validations(metrics: Path) -> list[dict]:
             for r in rows if "val/ppl" in r]
 
 
+def marks(budget_min: float) -> list[float]:
+    """The table's columns: MARKS_MIN up to the budget, and the budget itself."""
+    out = [m for m in MARKS_MIN if m <= budget_min + 1e-9]
+    return out if budget_min in out else [*out, budget_min]
+
+
 def at(curve: list[dict], minutes: float) -> dict | None:
-    """The last validation at or before `minutes` of training."""
-    done = [v for v in curve if v["train_seconds"] <= minutes * 60 + 1e-6]
+    """The last validation at or before `minutes` of training (a run with that budget stops at
+    the first step past it: its final validation, a fraction of a second later, counts)."""
+    done = [v for v in curve if v["train_seconds"] <= minutes * 60 + 1.0]
     return done[-1] if done else None
 
 
@@ -184,12 +191,14 @@ def write(result: dict, work: Path) -> None:
 
 
 def markdown(result: dict) -> str:
-    marks = [m for m in MARKS_MIN if m <= result["budget_min"] + 1e-9]
-    head = "| recipe | " + " | ".join(f"{m} min" for m in marks) + " | best | validations |\n"
-    lines = [head, "|" + " --- |" * (len(marks) + 3) + "\n"]
+    columns = marks(result["budget_min"])
+    head = "| recipe | " + " | ".join(f"{m:g} min" for m in columns) + " | best | validations |\n"
+    lines = [head, "|" + " --- |" * (len(columns) + 3) + "\n"]
     for name, r in result["recipes"].items():
-        cells = [f"{v['val_ppl']:.1f} ({v['train_seconds'] / 60:.1f})" if (v := r["at_minutes"].get(str(m)))
-                 else "–" for m in marks]
+        # a mark the run reached (it ends at its budget, give or take a step), from its curve
+        reached = r["curve"][-1]["train_seconds"] / 60 + 0.02 if r["curve"] else 0.0
+        cells = [f"{v['val_ppl']:.1f} ({v['train_seconds'] / 60:.1f})"
+                 if m <= reached and (v := at(r["curve"], m)) else "–" for m in columns]
         best = min((v["val_ppl"] for v in r["curve"]), default=None)
         tail = f" | {best:.1f} | {len(r['curve'])} |\n" if best is not None else " | – | 0 |\n"
         lines.append(f"| {name} (`{r['config']}`) | " + " | ".join(cells) + tail)
