@@ -96,9 +96,9 @@ def _ceiling_target(b: Bench, our_tps: float) -> None:
     against the eval batch's own ceiling (bench/ceiling.py); eval runs fp32."""
     gflops = our_tps * peak.run(b)["jobs"]["eval"]["gflop_per_token"]
     f = peak.fraction(b, "eval", gflops, ("fp32",))
-    b.result["sections"]["eval"].update(model_gflops=round(gflops, 1), **f)
+    b.result["sections"]["eval"].update(model_gflops=float(f"{gflops:.4g}"), **f)
     b.target("eval_ceiling_fraction", "eval model FLOP rate / the eval batch's ceiling, each matmul in "
-             "its fastest precision", f["best_mix_ceiling_gflops"], round(gflops, 1), "GFLOP/s",
+             "its fastest precision", f["best_mix_ceiling_gflops"], float(f"{gflops:.4g}"), "GFLOP/s",
              f["fraction_of_best_mix"], f">= {TARGETS['ceiling_fraction']:g}",
              f["fraction_of_best_mix"] >= TARGETS["ceiling_fraction"],
              f"of the fp32 ceiling ({f['ceiling_gflops']} GFLOP/s): {f['fraction_of_ceiling']}")

@@ -48,12 +48,12 @@ def run(b: Bench) -> None:
 def _ceiling_target(b: Bench, config: str, new_tps: float) -> None:
     """The best configuration's model FLOP rate (the LSTM cell and the output layer per new
     token) against a decoding step's own ceiling (bench/ceiling.py)."""
-    gflops = new_tps * peak.run(b)["jobs"]["gen"]["gflop_per_token"]
+    gflops = float(f"{new_tps * peak.run(b)['jobs']['gen']['gflop_per_token']:.4g}")
     own = next((p for p in ("int8", "bf16") if p in config), "fp32")
     f = peak.fraction(b, "gen", gflops, ("bf16",) if own == "bf16" else ("fp32",))
-    b.result["sections"]["gen"].update(model_gflops=round(gflops, 1), **f)
+    b.result["sections"]["gen"].update(model_gflops=gflops, **f)
     b.target("gen_ceiling_fraction", f"generation model FLOP rate / a decoding step's ceiling, each "
-             f"matmul in its fastest precision ({config})", f["best_mix_ceiling_gflops"], round(gflops, 1),
+             f"matmul in its fastest precision ({config})", f["best_mix_ceiling_gflops"], gflops,
              "GFLOP/s", f["fraction_of_best_mix"], f">= {TARGETS['ceiling_fraction']:g}",
              f["fraction_of_best_mix"] >= TARGETS["ceiling_fraction"],
              f"of the {f['ceiling_precision']} ceiling ({f['ceiling_gflops']} GFLOP/s): "
