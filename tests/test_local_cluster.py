@@ -160,7 +160,8 @@ def test_a_high_partition_job_preempts_a_debug_job_which_slurm_requeues(cluster,
     low = _sbatch("-p", "debug", "-N", n, "--exclusive", "--open-mode=append", f"--output={low_out}",
                   "--wrap", 'echo "run ${SLURM_RESTART_COUNT:-0}"; sleep 600')
     jobs.append(low)
-    wait_until(lambda: _state(low) == "RUNNING" and "run 0" in low_out.read_text(), 120,
+    # (slurmd opens the output file a moment after the job shows RUNNING)
+    wait_until(lambda: _state(low) == "RUNNING" and low_out.exists() and "run 0" in low_out.read_text(), 120,
                "the debug job to run")
     high = _sbatch("-p", "high", "-N", n, "--exclusive", f"--output={tmp_path}/high.out",
                    "--wrap", "echo high")
