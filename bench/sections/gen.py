@@ -49,8 +49,7 @@ def _ceiling_target(b: Bench, config: str, new_tps: float) -> None:
     """The best configuration's model FLOP rate (the LSTM cell and the output layer per new
     token) against a decoding step's own ceiling (bench/ceiling.py)."""
     gflops = float(f"{new_tps * peak.run(b)['jobs']['gen']['gflop_per_token']:.4g}")
-    own = next((p for p in ("int8", "bf16") if p in config), "fp32")
-    f = peak.fraction(b, "gen", gflops, ("bf16",) if own == "bf16" else ("fp32",))
+    f = peak.fraction(b, "gen", gflops, ("bf16",) if "bf16" in config else ("fp32",))  # int8: vs fp32
     b.result["sections"]["gen"].update(model_gflops=gflops, **f)
     b.target("gen_ceiling_fraction", f"generation model FLOP rate / a decoding step's ceiling, each "
              f"matmul in its fastest precision ({config})", f["best_mix_ceiling_gflops"], gflops,
