@@ -1,9 +1,10 @@
 """The local test cluster itself (slurm/local/README.md): several nodes, each with its own
 host name and its own address on the cluster's bridge; the real sacct (slurmdbd + MariaDB);
 a job of partition high preempting one of partition debug, which SLURM requeues; MaxArraySize
-from the environment; a second cluster beside the first, and a stop.sh that leaves nothing of
-it behind. Skipped without the cluster (or root, CAP_NET_ADMIN, the packages); failing
-instead in CI (CI=true). Every wait is bounded; every job a test submits is cancelled."""
+from the environment; a second cluster beside the first, which starts again without the jobs
+of an unclean stop, and a stop.sh that leaves nothing of it behind. Skipped without the
+cluster (or root, CAP_NET_ADMIN, the packages); failing instead in CI (CI=true). Every wait
+is bounded; every job a test submits is cancelled."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -242,6 +245,26 @@ def test_a_second_cluster_runs_beside_the_first_and_stop_leaves_nothing_behind(c
             assert re.search(r"^MaxArraySize\s*=\s*5$", config, re.M)
             refused = _run(["sbatch", "--array=0-5", "--wrap", "true"], env=second, check=False)
             assert refused.returncode != 0 and "array" in refused.stderr.lower()
+
+            # killed uncleanly (as by a kill of the process group that started it) while a job
+            # runs: started again, the cluster cancels that stale job instead of keeping the
+            # nodes allocated to it until its time limit
+            stale = _sbatch("-N", "2", "--time=30", "--wrap", "sleep 600", env=second)
+            wait_until(lambda: _state(stale, second) == "RUNNING", 60, "the job to run")
+            running_since = time.time()
+            saved = state / "state" / "job_state"  # slurmctld saves its job state a few seconds late
+            wait_until(lambda: saved.stat().st_mtime > running_since + 1, 60, "the job state to be saved")
+            ctld = int((state / "run" / "slurmctld.pid").read_text())
+            os.kill(ctld, signal.SIGKILL)
+            wait_until(lambda: not Path(f"/proc/{ctld}").exists(), 10, "slurmctld to die")
+            proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=240)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            said = rf"cancelling \d+ job\(s\) left by an unclean stop of this cluster: .*\b{stale}\b"
+            assert re.search(said, proc.stdout), proc.stdout
+            assert _run(["squeue", "-h"], env=second).stdout.strip() == ""
+            hosts = _run(["srun", "--immediate=20", "-N", "2", "hostname"], env=second).stdout.split()
+            assert sorted(hosts) == ["node1", "node2"], _log_tails(state)
+
             _run(["sbatch", "--hold", "--array=0-4", "--wrap", "true"], env=second)  # stop.sh cancels it
             assert "is UP" in _run(["scontrol", "ping"], env=cluster_env()).stdout  # the first is untouched
         finally:

@@ -485,6 +485,22 @@ wait_for_cluster() {
     done
 }
 
+# Jobs in the saved state are left by an unclean stop (stop.sh cancels every job): their
+# processes are gone, yet slurmctld keeps a running one's nodes allocated until its time
+# limit (one killed that way held both nodes for 28 minutes of a CI run). Cancel them all.
+cancel_leftover_jobs() {
+    local ids deadline
+    mapfile -t ids < <(squeue -h -o '%A' | sort -u)
+    [[ "${#ids[@]}" -gt 0 ]] || return 0
+    log "cancelling ${#ids[@]} job(s) left by an unclean stop of this cluster: ${ids[*]}"
+    scancel "${ids[@]}" || true
+    deadline="$((SECONDS + timeout_s))"
+    while [[ -n "$(squeue -h -o '%A')" ]]; do
+        ((SECONDS < deadline)) || fail "jobs left by an unclean stop still queued after ${timeout_s} s"
+        sleep 0.2
+    done
+}
+
 # --- main ----------------------------------------------------------------------------
 node_resources
 retire_old_state
@@ -506,6 +522,7 @@ start_slurmdbd
 start_slurmctld
 start_slurmds
 wait_for_cluster
+cancel_leftover_jobs
 trap - ERR
 
 write_env_sh
