@@ -83,6 +83,9 @@ class OptimConfig:
     warmup_steps: int = setting(0, "linear warmup steps", ge=0)
     min_lr_ratio: float = setting(0.1, "cosine: the floor as a fraction of lr", ge=0.0, le=1.0)
     decay_steps: int = setting(0, "cosine: the horizon in steps; 0 = the run's total steps", ge=0)
+    horizon: Literal["steps", "time"] = setting(
+        "steps", "cosine: decay over steps (decay_steps), or over train.max_train_seconds of training time "
+                 "(any machine ends its budget at the floor; a resumed run is then not bit-identical)")
     grad_clip: float = setting(0.0, "max global gradient norm; 0 = off (the notebook clips nothing)", ge=0.0)
 
 
@@ -202,6 +205,10 @@ class Config:
                                             "training, validation or evaluation split: never train on those")
         if self.train.epochs == 0 and self.train.max_steps == 0:
             fail("train.epochs", "train.epochs or train.max_steps must be above 0")
+        o = self.optim
+        if o.horizon == "time" and (o.schedule != "cosine" or not self.train.max_train_seconds):
+            fail("optim.horizon", "optim.horizon=time decays the cosine over the time budget: it needs "
+                                  "optim.schedule=cosine and train.max_train_seconds > 0")
         m = self.model
         if self.train.loss_precision != "autocast" and (m.softmax != "full" or not self.train.loss_chunk):
             fail("train.loss_precision", f"train.loss_precision={self.train.loss_precision} is the precision "

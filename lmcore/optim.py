@@ -21,14 +21,18 @@ def make_adam(params: list[torch.nn.Parameter], cfg: OptimConfig, device_type: s
     return torch.optim.Adam(params, **kw)
 
 
-def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
+def lr_at(step: int, cfg: OptimConfig, total_steps: int, budget_spent: float = 0.0) -> float:
     """The learning rate of optimizer step `step` (0-based): linear warmup, then constant or
-    cosine down to min_lr_ratio * lr at decay_steps (default: the run's end)."""
+    cosine down to min_lr_ratio * lr at decay_steps (default: the run's end), or with
+    horizon=time when budget_spent (the fraction of train.max_train_seconds spent) reaches 1."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return cfg.lr
-    horizon = cfg.decay_steps or total_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, horizon - cfg.warmup_steps))
+    if cfg.horizon == "time":
+        progress = min(1.0, budget_spent)
+    else:
+        horizon = cfg.decay_steps or total_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, horizon - cfg.warmup_steps))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -291,7 +291,8 @@ class Trainer:
         acc, s, t0 = self.acc, self.state, time.perf_counter()
         micro = [self._next_batch() for _ in range(self.cfg.train.grad_accum)]
         local_targets = sum(b.num_targets for b in micro)
-        global_targets = all_sum(acc, [local_targets])[0]  # the loss is a mean over all ranks' targets
+        # the loss is a mean over all ranks' targets; rank 0's clock sets a time-horizon schedule
+        global_targets, seconds_before = all_sum(acc, [local_targets, s.train_seconds if self.main else 0.0])
         loss_sum = 0.0
         for i, batch in enumerate(micro):
             state = self.rank_state.lstm if batch.carries_state else None
@@ -303,7 +304,8 @@ class Trainer:
             loss_sum += out.loss_sum.item()
             self.rank_state.lstm = detach_state(out.state) if self.packed else None
         grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip or math.inf))
-        lr = lr_at(s.step, self.cfg.optim, self.total_steps)
+        budget = self.cfg.train.max_train_seconds
+        lr = lr_at(s.step, self.cfg.optim, self.total_steps, seconds_before / budget if budget else 0.0)
         self._update(grad_norm, lr, loss_sum)
         s.step += 1
         s.tokens_seen += int(global_targets)

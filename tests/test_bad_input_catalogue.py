@@ -519,6 +519,9 @@ CASES: dict[str, Case] = {
         ("train.loss_precision=fp16", "model.softmax=full")),
     "loss-precision-without-the-fused-loss": Case(
         (*NEW_RUN, "train.loss_chunk=0", "train.loss_precision=auto"), ("train.loss_chunk > 0",), slow=True),
+    "time-horizon-without-a-time-budget": Case(
+        (*NEW_RUN, "optim.schedule=cosine", "optim.horizon=time"),
+        ("optim.horizon=time", "train.max_train_seconds > 0")),
     # -- data files (hunt) --------------------------------------------------------------------------------
     "data-min-count-above-every-word": Case(
         (*data("{tmp}/data/train.jsonl"), "data.min_count=1000"),

@@ -43,6 +43,17 @@ def test_two_ranks_train_in_sync_and_match_one_process_with_the_same_global_batc
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-5)
 
 
+def test_a_cosine_over_the_time_budget_follows_rank_zeros_clock_on_every_rank(tmp_path: Path):
+    """Each rank's own clock would give it its own learning rate, and the weights would drift apart."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    torchrun("tests/ddp_probe.py", str(probe), *SMALL, "train.batch_size=8", "optim.schedule=cosine",
+             "optim.horizon=time", "train.max_train_seconds=2", f"run.dir={tmp_path / 'ddp'}")
+    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["step"] == ranks[1]["step"] > 0
+    assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
+
+
 def test_two_rank_eval_equals_one_process_eval(tmp_path: Path):
     run = tmp_path / "run"
     proc = run_cli("train", *SMALL, "train.batch_size=16", f"run.dir={run}", "--no-progress")

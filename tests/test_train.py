@@ -18,6 +18,7 @@ import yaml
 from safetensors.torch import load_file
 
 from lmcore.config import load_config
+from lmcore.errors import LmcoreError
 from lmcore.track.metrics import read_metrics
 from lmcore.trainer import train
 from tests.conftest import REPO, run_cli, tiny_overrides
@@ -190,6 +191,28 @@ def test_learning_rate_schedules():
     assert lr_at(9, cos, 110) == pytest.approx(0.01)  # ... to lr
     assert lr_at(60, cos, 110) == pytest.approx(0.0055)  # half way down the cosine
     assert lr_at(110, cos, 110) == pytest.approx(0.001)  # the floor
+    timed = load_config(None, ["optim.lr=0.01", "optim.schedule=cosine", "optim.horizon=time",
+                               "train.max_train_seconds=60"]).optim
+    # over the time budget: the step count does not matter, the fraction of the budget spent does
+    assert [lr_at(s, timed, 10, spent) for s, spent in ((0, 0.0), (5, 0.5), (7, 1.0), (9, 1.5))] == \
+        pytest.approx([0.01, 0.0055, 0.001, 0.001])
+    with pytest.raises(LmcoreError, match=r"optim.horizon=time .* needs optim.schedule=cosine and "
+                                          r"train.max_train_seconds > 0"):
+        load_config(None, ["optim.schedule=cosine", "optim.horizon=time"])
+
+
+def test_a_cosine_over_the_time_budget_follows_the_training_clock(tmp_path: Path):
+    run = tmp_path / "run"
+    proc = run_cli("train", "--no-progress", *tiny_overrides(run, **{
+        "train.max_steps": 100000, "data.val_split": "", "train.log_interval": 1, "optim.schedule": "cosine",
+        "optim.horizon": "time", "optim.min_lr_ratio": 0.1, "train.max_train_seconds": 3}))
+    assert proc.returncode == 0, proc.stderr
+    rows = [r for r in read_metrics(run / "metrics.jsonl") if "lr" in r]
+    lrs, seconds = [r["lr"] for r in rows], [0.0] + [r["train_seconds"] for r in rows]
+    # each step's rate is the cosine at the training time spent before it, down to 0.001 at 3 s
+    assert lrs == pytest.approx([0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi * min(1.0, t / 3)))
+                                 for t in seconds[:-1]], rel=1e-9)
+    assert len(rows) > 2 and lrs == sorted(lrs, reverse=True) and seconds[-1] >= 3
 
 
 def test_progress_is_a_bar_on_a_terminal_and_lines_in_a_log_file(capsys):
@@ -225,7 +248,6 @@ def _nan_on_call(monkeypatch, calls: set[int]) -> None:
 
 
 def test_a_nan_loss_stops_training_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    from lmcore.errors import LmcoreError
 
     _nan_on_call(monkeypatch, {13})
     run = tmp_path / "r"
@@ -238,7 +260,6 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
     """An update that leaves inf in the weights with a finite loss and gradient (an overflow
     inside the optimizer, a flipped bit): the run stops before writing that checkpoint, and
     the one before it stays the latest, so a resume starts from sound weights."""
-    from lmcore.errors import LmcoreError
 
     real_step = torch.optim.Adam.step
     calls = {"n": 0}
@@ -272,7 +293,6 @@ def test_nan_steps_can_be_skipped_and_counted(tmp_path, monkeypatch):
 
 
 def test_two_jobs_on_one_run_folder_the_second_refuses(tmp_path: Path):
-    from lmcore.errors import LmcoreError
     from lmcore.runtime.lock import RunLock
 
     run = tmp_path / "r"
