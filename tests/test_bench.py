@@ -45,6 +45,8 @@ def test_bench_all_sections_tiny(tmp_path):
         "--work", str(tmp_path / "work"),
         "--warmup-steps", "1", "--ref-steps", "2", "--ref-repeats", "1", "--our-steps", "2",
         "--train-variants", "seed", "--ttq-eval-every", "1", "--ttq-max-steps", "2",
+        # the budget would be 1.5x the tiny reference's time / 150: a loaded machine's first step can pass it
+        "--ttq-budget-s", "600",
         # the tiny vocabulary (~470 words) is below imdb_fast's first cutoff (2000)
         "--ttq-override", "model.adaptive_cutoffs=[100,200]",
         "--gen-prompts", "4", "--gen-ref-prompts", "2", "--gen-new-tokens", "3", "--gen-repeats", "1",
