@@ -79,13 +79,17 @@ class OptimConfig:
     betas: tuple[float, float] = setting((0.9, 0.999), "Adam's betas, each in [0, 1)", ge=0.0, lt=1.0)
     eps: float = setting(1e-8, "Adam's epsilon", gt=0.0)
     weight_decay: float = setting(0.0, "Adam's (L2) weight decay", ge=0.0)
-    schedule: Literal["constant", "cosine"] = setting("constant", "learning-rate schedule after the warmup")
+    schedule: Literal["constant", "cosine", "wsd"] = setting(
+        "constant", "learning-rate schedule after the warmup; wsd: constant, then linear to the floor over "
+                    "the horizon's last cooldown_fraction")
     warmup_steps: int = setting(0, "linear warmup steps", ge=0)
-    min_lr_ratio: float = setting(0.1, "cosine: the floor as a fraction of lr", ge=0.0, le=1.0)
-    decay_steps: int = setting(0, "cosine: the horizon in steps; 0 = the run's total steps", ge=0)
+    min_lr_ratio: float = setting(0.1, "cosine, wsd: the floor as a fraction of lr", ge=0.0, le=1.0)
+    cooldown_fraction: float = setting(0.2, "wsd: the last fraction of the horizon spent going down", gt=0.0,
+                                       le=1.0)
+    decay_steps: int = setting(0, "cosine, wsd: the horizon in steps; 0 = the run's total steps", ge=0)
     horizon: Literal["steps", "time"] = setting(
-        "steps", "cosine: decay over steps (decay_steps), or over train.max_train_seconds of training time "
-                 "(any machine ends its budget at the floor; a resumed run is then not bit-identical)")
+        "steps", "cosine, wsd: the horizon in steps (decay_steps), or train.max_train_seconds of training "
+                 "time (any machine ends its budget at the floor; a resumed run is then not bit-identical)")
     grad_clip: float = setting(0.0, "max global gradient norm; 0 = off (the notebook clips nothing)", ge=0.0)
 
 
@@ -206,9 +210,9 @@ class Config:
         if self.train.epochs == 0 and self.train.max_steps == 0:
             fail("train.epochs", "train.epochs or train.max_steps must be above 0")
         o = self.optim
-        if o.horizon == "time" and (o.schedule != "cosine" or not self.train.max_train_seconds):
-            fail("optim.horizon", "optim.horizon=time decays the cosine over the time budget: it needs "
-                                  "optim.schedule=cosine and train.max_train_seconds > 0")
+        if o.horizon == "time" and (o.schedule == "constant" or not self.train.max_train_seconds):
+            fail("optim.horizon", "optim.horizon=time decays the rate over the time budget: it needs "
+                                  "optim.schedule=cosine or wsd and train.max_train_seconds > 0")
         m = self.model
         if self.train.loss_precision != "autocast" and (m.softmax != "full" or not self.train.loss_chunk):
             fail("train.loss_precision", f"train.loss_precision={self.train.loss_precision} is the precision "

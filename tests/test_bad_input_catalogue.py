@@ -521,7 +521,7 @@ CASES: dict[str, Case] = {
         (*NEW_RUN, "train.loss_chunk=0", "train.loss_precision=auto"), ("train.loss_chunk > 0",), slow=True),
     "time-horizon-without-a-time-budget": Case(
         (*NEW_RUN, "optim.schedule=cosine", "optim.horizon=time"),
-        ("optim.horizon=time", "train.max_train_seconds > 0")),
+        ("optim.horizon=time", "cosine or wsd", "train.max_train_seconds > 0")),
     # -- data files (hunt) --------------------------------------------------------------------------------
     "data-min-count-above-every-word": Case(
         (*data("{tmp}/data/train.jsonl"), "data.min_count=1000"),

@@ -196,7 +196,12 @@ def test_learning_rate_schedules():
     # over the time budget: the step count does not matter, the fraction of the budget spent does
     assert [lr_at(s, timed, 10, spent) for s, spent in ((0, 0.0), (5, 0.5), (7, 1.0), (9, 1.5))] == \
         pytest.approx([0.01, 0.0055, 0.001, 0.001])
-    with pytest.raises(LmcoreError, match=r"optim.horizon=time .* needs optim.schedule=cosine and "
+    wsd = load_config(None, ["optim.lr=0.01", "optim.schedule=wsd", "optim.cooldown_fraction=0.2",
+                             "optim.min_lr_ratio=0.1"]).optim
+    # constant for 80 of 100 steps, then linearly down to the floor
+    assert [lr_at(s, wsd, 100) for s in (0, 80, 90, 100, 120)] == \
+        pytest.approx([0.01, 0.01, 0.0055, 0.001, 0.001])
+    with pytest.raises(LmcoreError, match=r"optim.horizon=time .* needs optim.schedule=cosine or wsd and "
                                           r"train.max_train_seconds > 0"):
         load_config(None, ["optim.schedule=cosine", "optim.horizon=time"])
 
