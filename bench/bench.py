@@ -120,6 +120,8 @@ def _eval_and_gen_options(p: argparse.ArgumentParser) -> None:
                                              "score (default: random weights, torch.manual_seed(0))")
     g.add_argument("--eval-limit", type=int, default=0,
                    help="reviews of the stride-10 set (0 = all 2,500; rounded up to a multiple of 32)")
+    g.add_argument("--eval-precisions", default="fp32,bf16",
+                   help="our eval.precision values (the fastest whose figure agrees is the target's)")
     g = p.add_argument_group("generation (bench/generate_speed.py)")
     g.add_argument("--gen-prompts", type=int, default=1000, help="our prompts")
     g.add_argument("--gen-ref-prompts", type=int, default=40, help="the reference's prompts")
@@ -137,6 +139,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"unknown section {s!r}; choose from {', '.join(SECTIONS)}")
     if min(args.ref_steps, args.our_steps) <= args.warmup_steps or args.warmup_steps < 1:
         p.error("need --ref-steps and --our-steps above --warmup-steps (>= 1)")
+    precisions = args.eval_precisions.split(",")
+    if not set(precisions) <= {"fp32", "bf16", "auto"}:
+        p.error(f"--eval-precisions {args.eval_precisions!r}: fp32, bf16 or auto, comma-separated")
     if min(args.ref_repeats, args.eval_repeats, args.gen_repeats, args.ttq_eval_every) < 1:
         p.error("--ref-repeats, --eval-repeats, --gen-repeats and --ttq-eval-every must be >= 1")
     args.data = Path(args.data).resolve()

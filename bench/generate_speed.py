@@ -47,11 +47,12 @@ from lmcore.config import DataConfig, ModelConfig, load_config
 from lmcore.data.cache import fit_tokenizer
 from lmcore.data.sources import read_texts
 from lmcore.data.tokenizer import SPECIALS
-from lmcore.gen.decoder import Decoder, auto_precision
+from lmcore.gen.decoder import Decoder
 from lmcore.gen.job import generate_shard
 from lmcore.gen.sampling import SamplingParams, pick_tokens
 from lmcore.model import LSTMLM
 from lmcore.rundir import RunDir
+from lmcore.runtime.precision import auto_precision
 
 
 def notebook_ids(tok, source: str) -> list[int]:
@@ -144,8 +145,8 @@ def step_profile(model, tok, rows: int, precision: str, reps: int = 5) -> dict:
         parts = {"output_matmul_ms": best(lambda: dec._logits(h[-1])),
                  "sampling_ms": best(lambda: pick_tokens(logits, u, dec.params, dec.width)),
                  "lstm_step_ms": best(lambda: dec._step(toks, h, c))}
-        if dec.int8_fused:  # what the job runs for int8 plain sampling: the two above in one pass
-            parts["int8_fused_logits_and_sampling_ms"] = best(lambda: dec._int8_sample(h[-1], rows, u))
+        if dec.fused:  # what the job runs for bf16 and int8 plain sampling: the two above in one pass
+            parts["fused_logits_and_sampling_ms"] = best(lambda: dec._fused_sample(h[-1], rows, u))
     vocab = dec.head_b.shape[0]
     flops = 2 * rows * dec.hidden * vocab  # int8: integer operations
     parts["output_matmul_gflops"] = round(flops / parts["output_matmul_ms"] / 1e6, 1)

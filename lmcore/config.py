@@ -132,6 +132,9 @@ class EvalConfig:
                                   "best validation (train.keep_best); RUN/best = that run's")
     notebook_figure: bool = setting(True, "also the notebook's unmasked figure (pads counted; not a "
                                           "perplexity of the text)")
+    precision: Literal["fp32", "bf16", "auto"] = setting(
+        "fp32", "forward precision of eval and of validation during training (the softmax and the sums "
+                "stay fp32); auto = bf16 where it is fast (AMX, CUDA), bench/README.md 'Lower precisions'")
 
 
 @dataclass

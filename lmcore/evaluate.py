@@ -33,6 +33,7 @@ from lmcore.errors import LmcoreError, write_failed
 from lmcore.model import LSTMLM
 from lmcore.rundir import RunDir
 from lmcore.runtime.accelerator import lost_contact, make_accelerator, peer_gone
+from lmcore.runtime.precision import eval_precision
 from lmcore.track.wandb_init import open_tracker
 
 NOTEBOOK_CHUNK = 512  # positions per chunk of the notebook figure's logits (80 MB at 40k words)
@@ -108,7 +109,9 @@ def evaluate(model: LSTMLM, split: TokenizedSplit, tok: WordTokenizer, batch_siz
         docs = [split.doc(int(i)) for i in idx]
         batch = rows_to_batch(review_rows(docs, tok.bos_id, tok.eos_id, tok.pad_id, truncate), tok.pad_id)
         with autocast():
-            out = model(batch.inputs.to(device), targets=batch.targets.to(device))
+            # the class's forward: accelerate wraps a prepared model's own one in training's
+            # autocast, and scoring is in the precision asked for here
+            out = type(model).forward(model, batch.inputs.to(device), targets=batch.targets.to(device))
         masked.append((float(out.loss_sum), out.num_targets))
         if notebook_figure and truncate:
             rows = torch.from_numpy(notebook_rows(docs, tok, truncate)).to(device)
@@ -143,9 +146,10 @@ def run_eval(cfg: Config) -> dict | None:
     with acc.main_process_first():  # rank 0 builds the token cache, the others then read it
         split = load_split(cfg.data, cfg.eval.split, tok)
     split = strided(split, cfg.eval.stride, cfg.eval.limit)
+    precision, autocast = eval_precision(cfg.eval.precision, acc.device)
     try:
         res = evaluate(model, split, tok, cfg.eval.batch_size, cfg.data.truncate, acc,
-                       notebook_figure=cfg.eval.notebook_figure, autocast=acc.autocast)
+                       notebook_figure=cfg.eval.notebook_figure, autocast=autocast)
     except RuntimeError as e:  # a rank is gone: nothing was written
         if not peer_gone(e):
             raise
@@ -153,7 +157,7 @@ def run_eval(cfg: Config) -> dict | None:
     out = {
         "checkpoint": str(ckpt.path), "split": cfg.eval.split, "data": cfg.data.source,
         "stride": cfg.eval.stride, "limit": cfg.eval.limit, "truncate": cfg.data.truncate,
-        "world_size": acc.num_processes, "precision": cfg.train.mixed_precision, **res.to_dict(),
+        "world_size": acc.num_processes, "precision": precision, **res.to_dict(),
     }
     if out["notebook_unmasked_ppl"] is not None:
         out["notebook_unmasked_ppl_note"] = (

@@ -157,7 +157,7 @@ class LSTMLM(nn.Module):
             with torch.autocast(scored.device.type, enabled=False):
                 loss_sum = -self.adaptive(scored.float(), targets[keep]).output.sum()
         else:
-            # (validation runs without gradients, in fp32 as lmcore eval does)
+            # (without gradients: eval and validation, in autocast's precision: eval.precision)
             dtypes = self.loss_dtypes if torch.is_grad_enabled() else None
             loss_sum = linear_cross_entropy(scored, self.head.weight, self.head.bias, targets[keep],
                                             self.loss_chunk, dtypes)

@@ -45,7 +45,7 @@ from lmcore.runtime.accelerator import (
     rank_hosts,
 )
 from lmcore.runtime.lock import RunLock
-from lmcore.runtime.precision import dtypes_of, resolve
+from lmcore.runtime.precision import dtypes_of, eval_precision, resolve
 from lmcore.slurm.env import job_record
 from lmcore.track.metrics import MetricsLog
 from lmcore.track.progress import Progress
@@ -376,8 +376,9 @@ class Trainer:
         val = self.corpus.val
         if val is None:
             return None
+        _, autocast = eval_precision(self.cfg.eval.precision, self.acc.device)  # not the training's
         res = evaluate(self.raw_model, val, self.corpus.tokenizer, self.cfg.eval.batch_size,
-                       self.cfg.data.truncate, self.acc, autocast=self.acc.autocast)
+                       self.cfg.data.truncate, self.acc, autocast=autocast)
         s = self.state  # with the training clock, so that quality can be read against training time
         self.metrics.log(s.step, {"val/ppl": res.masked_ppl, "val/loss": res.masked_loss,
                                   "val/targets": res.num_targets, "train_seconds": s.train_seconds,

@@ -169,18 +169,20 @@ def test_int8_logits_stay_within_their_rounding_bound(arch):
     assert float(diff[real].max()) > 0  # it is a different computation, not fp32 renamed
 
 
-def test_int8_plain_sampling_without_full_logits_draws_what_the_full_logits_give():
-    """The fused int8 sampler (chunk masses straight from the integer matmul) picks the same
-    tokens as writing out the int8 logits and sampling them, step after step."""
-    m = model(BIG)
+@pytest.mark.parametrize(("arch", "precision"), [({}, "int8"), ({}, "bf16"), ({"tie_weights": True}, "bf16")],
+                         ids=["int8", "bf16", "bf16-tied-proj"])
+def test_plain_sampling_without_full_logits_draws_what_the_full_logits_give(arch, precision):
+    """The fused sampler (chunk masses straight from the output matmul's int32 or bf16 result)
+    picks the same tokens as writing out the float logits and sampling them, step after step."""
+    m = model(BIG, **arch)
     params = SamplingParams(0.7, max_new_tokens=8)
-    fused = Decoder(m, BIG, params, precision="int8")
-    full = Decoder(m, BIG, params, precision="int8")
-    full.int8_fused = False
-    assert fused.int8_fused
+    fused = Decoder(m, BIG, params, precision=precision)
+    full = Decoder(m, BIG, params, precision=precision)
+    full.fused = False
+    assert fused.fused
     rng = np.random.default_rng(1)
     prompts = [rng.integers(4, len(BIG), size=int(rng.integers(0, 6))).tolist() for _ in range(150)]
-    u = row_uniforms([row_key(9, i) for i in range(150)], 8)  # 150 rows: two int8 row blocks
+    u = row_uniforms([row_key(9, i) for i in range(150)], 8)  # 150 rows: two blocks of 128
     got = [c.token_ids for c in fused.generate(prompts, u)]
     assert got == [c.token_ids for c in full.generate(prompts, u)]
 

@@ -21,7 +21,6 @@ from safetensors.torch import load_file, save_file
 from lmcore.config import load_config
 from lmcore.data.sample_corpus import sample_reviews
 from lmcore.fileio import atomic_write_json, sha256_file
-from lmcore.gen.decoder import auto_precision
 from lmcore.gen.folder import (
     MANIFEST_FILE,
     MERGED_FILE,
@@ -34,6 +33,7 @@ from lmcore.gen.job import generate_shard
 from lmcore.gen.merge import merge_outputs
 from lmcore.gen.prompts import PromptSource
 from lmcore.jobs import run_job
+from lmcore.runtime.precision import auto_precision
 from tests.conftest import REPO, tiny_overrides
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

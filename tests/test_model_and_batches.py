@@ -120,6 +120,33 @@ def test_the_chunked_loss_matches_plain_cross_entropy_in_value_and_gradients():
         assert linear_cross_entropy(h, w, b, t, 8).item() == pytest.approx(results[0][0].item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_the_forward_only_loss_over_column_blocks_matches_plain_cross_entropy(with_bias):
+    """Eval's loss (no gradients): the logits COLS columns at a time with a running max and sum
+    give plain cross-entropy's value, over several blocks and a short last one, in fp32 and
+    (close to the training forward's bf16 value) under bf16 autocast."""
+    from lmcore.loss import COLS, linear_cross_entropy
+
+    torch.manual_seed(2)
+    vocab = 2 * COLS + 37
+    h = torch.randn(45, 16) * 2
+    w = torch.randn(vocab, 16, requires_grad=True)
+    b = torch.randn(vocab, requires_grad=True) if with_bias else None
+    t = torch.randint(0, vocab, (45,))
+    t[:3] = torch.tensor([0, COLS - 1, vocab - 1])  # targets at the blocks' edges
+    want = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b), t, reduction="sum")
+    with torch.no_grad():
+        for chunk in (8, 128):
+            got = linear_cross_entropy(h, w, b, t, chunk)
+            assert got.item() == pytest.approx(want.item(), rel=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16_eval = linear_cross_entropy(h, w, b, t, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_train = linear_cross_entropy(h, w, b, t, 8)
+    assert bf16_eval.item() == pytest.approx(bf16_train.item(), rel=1e-4)
+    assert bf16_eval.item() != want.item() and bf16_eval.item() == pytest.approx(want.item(), rel=2e-2)
+
+
 def test_the_fused_loss_without_bias_and_under_bf16_autocast_matches_the_plain_one():
     from lmcore.loss import linear_cross_entropy
 

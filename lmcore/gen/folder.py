@@ -27,9 +27,9 @@ import torch
 
 from lmcore import fileio
 from lmcore.errors import ConfigError, LmcoreError, first_line, write_failed
-from lmcore.gen.decoder import auto_precision
 from lmcore.gen.prompts import PromptSource, ScanResult
 from lmcore.reading import json_value
+from lmcore.runtime.precision import auto_precision
 from lmcore.slurm.env import array_task
 
 FORMAT = "lmcore-generations"

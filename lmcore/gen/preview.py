@@ -5,9 +5,10 @@ from __future__ import annotations
 from lmcore.checkpoint import resolve
 from lmcore.config import Config
 from lmcore.errors import ConfigError
-from lmcore.gen.decoder import Decoder, auto_precision
+from lmcore.gen.decoder import Decoder
 from lmcore.gen.prompts import PromptSource
 from lmcore.gen.sampling import SamplingParams, row_key, row_uniforms
+from lmcore.runtime.precision import auto_precision
 
 
 def preview(cfg: Config, prompt_texts: list[str] | None = None) -> list[str]:

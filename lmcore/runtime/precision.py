@@ -1,4 +1,5 @@
-"""The precision of each matmul of the fused loss (train.loss_precision).
+"""Precisions: what is fast on this hardware (generate.precision and eval.precision `auto`), and
+the precision of each matmul of the fused loss (train.loss_precision).
 
 With the full softmax, three matmuls per chunk of rows dominate a training step: the logits
 (chunk x hidden+1 @ hidden+1 x vocab), the input gradient (chunk x vocab @ vocab x hidden) and the
@@ -26,6 +27,8 @@ import json
 import platform
 import time
 import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -35,7 +38,38 @@ from lmcore.loss import MATMULS, Dtypes, linear_cross_entropy
 
 NAMES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MARGIN = 0.05  # a lower precision must save 5% of a chunk's time: timings differ by ~2-3% run to run
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: the uniform candidates
+
+
+def cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_bf16" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+def auto_precision(device: torch.device | str) -> str:
+    """What is fast here: bf16 on CUDA (when supported) and on CPUs with AMX, else fp32.
+    A rule on the hardware, not a timing, so every task of a job decides the same."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_amx() else "fp32"
+    return "fp32"
+
+
+def eval_precision(setting: str, device: torch.device) -> tuple[str, Callable[[], AbstractContextManager]]:
+    """eval.precision as (fp32 or bf16, a context factory for the forward passes in it): the
+    eval job and validation during training both score this way."""
+    precision = auto_precision(device) if setting == "auto" else setting
+    if precision == "fp32":
+        return precision, nullcontext
+    return precision, lambda: torch.autocast(device.type, dtype=NAMES[precision])
 
 
 def dtypes_of(choice: str) -> Dtypes | None:
@@ -58,8 +92,9 @@ def resolve(setting: str, chunk: int, hidden: int, vocab: int, cache_dir: Path) 
     ms = _cached_probe(chunk, hidden, vocab, cache_dir)
     why = "; ".join(f"{m} {p} ({', '.join(f'{q} {ms[m][q]:.1f}' for q in NAMES)} ms)"
                     for m, p in zip(MATMULS, ms["picks"], strict=True))
-    return ",".join(ms["picks"]), (f"auto, one {chunk}-row chunk forward and backward: {why}; together "
-                                   f"{ms['combined']:.1f} ms")
+    uniform = ", ".join(f"all {p} {t:.1f} ms" for p, t in ms["uniform"].items())
+    return ",".join(ms["picks"]), (f"auto, one {chunk}-row chunk forward and backward: {why}; {uniform}; "
+                                   f"the choice {ms['combined']:.1f} ms")
 
 
 def _machine() -> str:
@@ -95,6 +130,7 @@ def _cached_probe(chunk: int, hidden: int, vocab: int, cache_dir: Path) -> dict:
 
 def _well_formed(ms: dict) -> bool:
     return (all(isinstance(ms[m][p], float) for m in MATMULS for p in NAMES)
+            and all(isinstance(ms["uniform"][p], float) for p in ("bf16", "fp16"))
             and isinstance(ms["combined"], float) and len(ms["picks"]) == 3
             and set(ms["picks"]) <= set(NAMES))
 
@@ -125,13 +161,18 @@ def probe(chunk: int, hidden: int, vocab: int, seconds: float = 0.1) -> dict:
             out[m][name] = ms_of(tuple(dtypes))  # type: ignore[arg-type]
     picks = [min(NAMES, key=lambda p, m=m: out[m][p] / (1.0 if p == "fp32" else 1 - MARGIN))
              for m in MATMULS]
-    combined = ms_of(tuple(NAMES[p] for p in picks)) if picks != ["fp32"] * 3 else base
-    # The savings need not add up (a low-precision forward gives up the folded bias, say):
-    # then the single change that saved most, if any saved MARGIN.
+    candidates = [(picks, ms_of(tuple(NAMES[p] for p in picks)) if picks != ["fp32"] * 3 else base)]
+    # The savings need not add up (a low-precision forward gives up the folded bias, say), and
+    # changes can pay together what neither pays alone (both gradient matmuls in bf16 share one
+    # cast of the softmax gradient: measured on AMX, all-bf16 beat every single change): so also
+    # the single change that saved most, and each precision throughout.
     m1, p1 = min(((m, p) for m in MATMULS for p in ("bf16", "fp16")), key=lambda mp: out[mp[0]][mp[1]])
-    if out[m1][p1] < combined:
-        picks, combined = ["fp32"] * 3, out[m1][p1]
-        picks[MATMULS.index(m1)] = p1
+    single = ["fp32"] * 3
+    single[MATMULS.index(m1)] = p1
+    candidates.append((single, out[m1][p1]))
+    out["uniform"] = {name: ms_of((NAMES[name],) * 3) for name in ("bf16", "fp16")}
+    candidates += [([name] * 3, t) for name, t in out["uniform"].items()]
+    picks, combined = min(candidates, key=lambda c: c[1])
     if combined > base * (1 - MARGIN):
         picks, combined = ["fp32"] * 3, base
     out["combined"] = combined
