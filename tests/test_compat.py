@@ -55,7 +55,9 @@ def test_a_checkpoint_of_0_1_evaluates_to_the_figure_0_1_wrote(old: Path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["num_targets"] == written["num_targets"] == 902
-    assert result["masked_ppl"] == pytest.approx(written["masked_ppl"], rel=1e-9)
+    # to float32 rounding: since 2026-12-02 a forward without gradients sums the softmax over
+    # 2,048-word blocks (lmcore/loss.py forward_only), other last bits than 0.1's (measured 5.4e-7)
+    assert result["masked_ppl"] == pytest.approx(written["masked_ppl"], rel=2e-6)
 
 
 def test_a_generation_folder_of_0_1_is_finished_to_the_bytes_0_1_wrote(old: Path):
