@@ -65,6 +65,7 @@ from report import machine_info, markdown, table
 from sections import eval as eval_section  # `eval`: the section's name (not the builtin)
 from sections import gen, peak, train, ttq
 from sections.train import TRAIN_VARIANTS
+from sections.ttq import TTQ_VARIANTS
 
 # In the order they run; each takes the shared context (context.Bench).
 SECTIONS = {"peak": peak.run, "train": train.run, "ttq": ttq.run, "eval": eval_section.run, "gen": gen.run}
@@ -101,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"ours, comma-separated: {','.join(TRAIN_VARIANTS)}")
     g = p.add_argument_group("time to quality")
     g.add_argument("--ttq-config", default="configs/imdb_fast.yaml")
+    g.add_argument("--ttq-variants", default=",".join(TTQ_VARIANTS),
+                   help=f"ours, comma-separated: {','.join(TTQ_VARIANTS)} (the target takes the fastest)")
     g.add_argument("--ttq-budget-s", type=float, default=0,
                    help="training seconds allowed (0: 1.5 x the goal, the reference's 216-step time / 10)")
     g.add_argument("--ttq-eval-every", type=int, default=10, help="validate every K steps")
@@ -142,6 +145,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     precisions = args.eval_precisions.split(",")
     if not set(precisions) <= {"fp32", "bf16", "auto"}:
         p.error(f"--eval-precisions {args.eval_precisions!r}: fp32, bf16 or auto, comma-separated")
+    args.ttq_variants = [v for v in args.ttq_variants.split(",") if v]
+    if not args.ttq_variants or not set(args.ttq_variants) <= set(TTQ_VARIANTS):
+        p.error(f"--ttq-variants {','.join(args.ttq_variants)!r}: {', '.join(TTQ_VARIANTS)}, comma-separated")
     if min(args.ref_repeats, args.eval_repeats, args.gen_repeats, args.ttq_eval_every) < 1:
         p.error("--ref-repeats, --eval-repeats, --gen-repeats and --ttq-eval-every must be >= 1")
     args.data = Path(args.data).resolve()

@@ -22,7 +22,7 @@ from safetensors.torch import load as load_tensors
 from lmcore.config import ModelConfig
 from lmcore.data.batching import IGNORE
 from lmcore.errors import CheckpointError, ConfigError, first_line
-from lmcore.loss import Dtypes, linear_cross_entropy
+from lmcore.loss import Dtypes, adaptive_cross_entropy, linear_cross_entropy
 from lmcore.schema import Reader, Value
 
 State = tuple[torch.Tensor, torch.Tensor]
@@ -152,10 +152,8 @@ class LSTMLM(nn.Module):
             return LMOutput(self.logits(h), None, 0, state)
         keep = targets != IGNORE
         scored = h[keep]  # (N, D): only real targets are projected
-        if self.adaptive is not None:
-            # in fp32 under bf16 autocast too: torch's adaptive softmax then mixes dtypes and fails
-            with torch.autocast(scored.device.type, enabled=False):
-                loss_sum = -self.adaptive(scored.float(), targets[keep]).output.sum()
+        if self.adaptive is not None:  # (its matmuls in autocast's precision, its log-softmaxes in fp32)
+            loss_sum = adaptive_cross_entropy(self.adaptive, scored, targets[keep])
         else:
             # (without gradients: eval and validation, in autocast's precision: eval.precision)
             dtypes = self.loss_dtypes if torch.is_grad_enabled() else None

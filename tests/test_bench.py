@@ -83,6 +83,9 @@ def test_bench_all_sections_tiny(tmp_path):
     ttq = res["sections"]["ttq"]
     assert [v["step"] for v in ttq["validations"]] == [1, 2]
     assert ttq["val_targets_match"] is True and setup["val_targets"] > 0
+    # the shipped config and its bf16 run: the target takes the faster of those that reached it
+    assert [r["variant"] for r in ttq["variants"]] == ["fp32", "bf16"]
+    assert ttq["best_variant"] in ("fp32", "bf16") and all(r["val_targets_match"] for r in ttq["variants"])
     assert ttq["reference_seconds_for_216_steps"] > 0
 
     ev = res["sections"]["eval"]

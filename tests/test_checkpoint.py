@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmcore import fileio
 from lmcore.checkpoint import Checkpoint, CheckpointWriter, find_latest, list_checkpoints, resolve
 from lmcore.config import ModelConfig
 from lmcore.data.tokenizer import WordTokenizer
@@ -131,3 +132,22 @@ def test_only_the_last_k_are_kept_and_files_get_the_usual_permissions(tmp_path: 
         warnings.simplefilter("error")
         assert find_latest(RunDir(run)).problems == []
     assert os.access(run / "checkpoints" / "step_00000004", os.R_OK)
+
+
+def test_tensor_files_are_streamed_as_the_very_bytes_safetensors_writes(tmp_path: Path):
+    # (no whole-file copy in memory at a checkpoint; the format and order stay safetensors' own)
+    from safetensors.torch import load, save
+
+    g = torch.Generator().manual_seed(0)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32,
+              torch.int16, torch.int8, torch.uint8, torch.bool]
+    tensors = {f"t{i}": (torch.randn(3, i + 1, generator=g) * 50).to(d) for i, d in enumerate(dtypes)}
+    bf16 = torch.bfloat16
+    tensors |= {"scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4), "strided": torch.randn(5, 8)[:, ::2],
+                "b.second": torch.ones(2, dtype=bf16), "a.first": torch.zeros(2, dtype=bf16)}
+    path = tmp_path / "f.safetensors"
+    fileio.save_tensors(path, tensors)
+    data = path.read_bytes()
+    assert data == save({k: v.contiguous() for k, v in tensors.items()})
+    back = load(data)
+    assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)

@@ -9,6 +9,7 @@ import torch
 from lmcore.config import ModelConfig
 from lmcore.data.batching import IGNORE, PackedBatches, PaddedBatches, review_rows, rows_to_batch
 from lmcore.data.cache import TokenizedSplit
+from lmcore.loss import adaptive_cross_entropy
 from lmcore.model import LSTMLM
 
 BOS, EOS, PAD = 2, 3, 1
@@ -263,3 +264,24 @@ def test_the_adaptive_softmax_is_a_normalised_distribution_and_scores_like_its_l
     out = model(ids, targets=targets)
     expected = -logp.gather(-1, targets.unsqueeze(-1)).sum()
     torch.testing.assert_close(out.loss_sum, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_the_adaptive_loss_is_torchs_in_fp32_and_close_to_it_under_bf16_autocast():
+    torch.manual_seed(0)
+    m = torch.nn.AdaptiveLogSoftmaxWithLoss(32, 500, [40, 200], div_value=2.0)
+    h = torch.randn(301, 32, requires_grad=True)  # not a multiple of the 64 rows bf16 pads to
+    t = torch.cat([torch.randint(0, 40, (200,)), torch.randint(40, 500, (101,))])
+    theirs = -m(h, t).output.sum()
+    ours = adaptive_cross_entropy(m, h, t)
+    expected = torch.autograd.grad(theirs, params := [h, *m.parameters()], retain_graph=True)
+    assert torch.equal(ours, theirs)  # the same steps, bit for bit
+    for a, b in zip(torch.autograd.grad(ours, params), expected, strict=True):
+        assert torch.equal(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # torch's own fails here (bf16 log-softmax)
+        low = adaptive_cross_entropy(m, h, t)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, theirs, rtol=2e-3, atol=0.0)
+    for a, b in zip(torch.autograd.grad(low, params), expected, strict=True):
+        assert (a - b).norm() < 0.02 * b.norm()  # bf16's 8 bits, entry by entry; close as a whole
+    with pytest.raises(IndexError, match="outside"):
+        adaptive_cross_entropy(m, h[:2], torch.tensor([0, 500]))
