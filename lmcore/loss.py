@@ -21,6 +21,7 @@ import torch.nn.functional as F
 MATMULS = ("out", "out_grad_h", "out_grad_w")  # per chunk: logits, d/dh, d/dweight
 FORWARD_ROWS, COLS = 1024, 2048  # rows per chunk and vocabulary columns per block of the forward-only loss
 ROW_MULTIPLE = 64  # adaptive softmax under autocast: rows padded to this (_rows_padded)
+LAST_CHUNK_MULTIPLE = 16  # a low-precision fused loss: its last chunk's rows padded to this
 FP16_RANGE = 60000.0  # below fp16's largest finite value, 65,504
 F32 = torch.float32
 
@@ -89,9 +90,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         fold = (bias is not None and dtypes[0] is None and dtypes[2] is None
                 and h.dtype == weight.dtype == bias.dtype)
         w, h_in = _fold_bias(h, weight, bias, fold)
-        rows_max = min(chunk, h.shape[0])
+        n, pad = h.shape[0], _last_chunk_pad(h.shape[0], chunk, dtypes)
+        if pad:  # zero rows, left out of the loss and of every gradient below
+            h_in = torch.cat([h_in, h_in.new_zeros(pad, h_in.shape[1])])
+            targets = torch.cat([targets, targets.new_zeros(pad)])
+        rows_max = min(chunk, n + pad)
         ops = _Operands(h_in, w, k, rows_max, dtypes)
-        grad_h = torch.empty_like(h)
+        grad_h = h.new_empty(n + pad, k)
         grad_w = torch.zeros_like(w, dtype=F32)
         grad_b = torch.zeros_like(bias, dtype=F32) if bias is not None and not fold else None
         b32 = None if bias is None or fold else bias.float()
@@ -99,9 +104,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # One logits buffer for every chunk: a fresh tensor above glibc's mmap threshold
         # (32 MB) per chunk costs more in page faults than the softmax does.
         buf = torch.empty(rows_max, weight.shape[0], dtype=F32, device=h.device)
-        for lo in range(0, h.shape[0], chunk):
+        for lo in range(0, n + pad, chunk):
             rows = slice(lo, lo + chunk)
-            logits = buf[: min(chunk, h.shape[0] - lo)]
+            logits = buf[: min(chunk, n + pad - lo)]
+            real = min(chunk, n - lo)  # rows of this chunk that are not padding
             if ops.out_lo is None:
                 torch.mm(ops.h_out[rows], ops.w_out.t(), out=logits)
                 if b32 is not None:
@@ -111,20 +117,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 _to_f32(raw, b32, logits)
             tc = targets[rows].unsqueeze(1)
             row_max = logits.amax(dim=1, keepdim=True)
-            total += (row_max - logits.gather(1, tc)).sum()
+            total += (row_max - logits.gather(1, tc))[:real].sum()
             mass = logits.sub_(row_max).exp_().sum(dim=1, keepdim=True)  # logits now exp(l - max)
-            total += mass.log().sum()
+            total += mass[:real].log().sum()
             # d(sum of losses)/d(logits) = softmax - one_hot, in place, then straight into the
             # gradients (no temporaries in fp32).
             logits.div_(mass)
             logits.scatter_add_(1, tc, torch.full_like(tc, -1.0, dtype=logits.dtype))
+            logits[real:] = 0.0
             if grad_b is not None:
                 grad_b += logits.sum(0)
             ops.chunk_grads(logits, rows, grad_h, grad_w)
         del ops, w, h_in, buf, logits  # before the copies below: 61 MB less at the peak (measured)
         if fold:
             grad_b, grad_w = grad_w[:, k].contiguous(), grad_w[:, :k].contiguous()
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype),
+        ctx.save_for_backward(grad_h[:n], grad_w.to(weight.dtype),
                               grad_b.to(bias.dtype) if grad_b is not None else None)
         return total
 
@@ -140,6 +147,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if g is not None:
                 g.mul_(grad_out)
         return grad_h, grad_w, grad_b, None, None, None
+
+
+def _last_chunk_pad(n: int, chunk: int, dtypes: Dtypes) -> int:
+    """Zero rows that round the last chunk up to a multiple of LAST_CHUNK_MULTIPLE when a matmul
+    runs in bf16 or fp16: oneDNN builds a kernel for each new shape, and the last chunk's rows
+    differ at every step (measured on the AMX VM, 2 threads: the first input-gradient matmul of a
+    new row count took 30-56 ms, the next one 4.5-5.1; the forward and weight gradient less)."""
+    last = n % chunk
+    if last == 0 or all(d is None for d in dtypes):
+        return 0
+    return min(-last % LAST_CHUNK_MULTIPLE, chunk - last)
 
 
 def _to_f32(raw: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:

@@ -182,6 +182,7 @@ def test_each_matmul_of_the_fused_loss_in_its_own_precision_stays_close_to_fp32(
 
     names = {"fp16": torch.float16, "bf16": torch.bfloat16, None: None}
     torch.manual_seed(2)
+    # 300 rows: the last 128-row chunk has 44, padded to 48 where a matmul is bf16 or fp16
     h = torch.tanh(torch.randn(300, 64)).requires_grad_()  # an LSTM's output: in (-1, 1)
     w = (torch.randn(5000, 64) * 0.3).requires_grad_()
     b = (torch.randn(5000) * 0.1).requires_grad_()
