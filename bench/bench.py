@@ -18,7 +18,8 @@ Sections (--only, comma-separated; default all):
          + the rest at its steady seconds per step), the steps it needs for masked test
          perplexity 541.9 (../shared/notes/baseline.md), against the training seconds
          configs/imdb_fast.yaml needs to reach <= 541.9 on the same 2,500 reviews (every 10th
-         test review, the notebook's vocabulary), validating every --ttq-eval-every steps
+         test review, the notebook's vocabulary), validating every --ttq-eval-every steps;
+         as shipped (fp32) and with bf16 autocast (--ttq-variants), the faster counts
   eval   masked test perplexity throughput: `seed_reference.py eval --stride 10` against
          `lmcore eval eval.stride=10 eval.notebook_figure=false` on the same weights (the
          figures must agree: a correctness check)

@@ -2,7 +2,8 @@
 the rest at its steady seconds per step, from ref_train.py), the steps it needs for masked test
 perplexity 541.9 (../shared/notes/baseline.md, not re-run), against the training seconds
 configs/imdb_fast.yaml needs to reach <= 541.9 on the same 2,500 reviews (every 10th test
-review, the notebook's vocabulary), validating every --ttq-eval-every steps.
+review, the notebook's vocabulary), validating every --ttq-eval-every steps: as shipped (fp32)
+and with bf16 autocast (--ttq-variants); the target takes the faster of those that reached it.
 
 Ours = train_seconds at the first validation <= 541.9, so up to --ttq-eval-every steps late;
 the run is stopped (SIGTERM: the trainer checkpoints at the next step and exits 3) once the
