@@ -103,7 +103,9 @@ class TrainConfig:
         0.0, "end the run once this much training time is spent (train_seconds: steps only, kept across "
              "resumes; validation excluded); 0 = no limit", ge=0.0)
     grad_accum: int = setting(1, "micro-batches per optimizer step", gt=0, le=1024)
-    mixed_precision: Literal["no", "bf16"] = setting("no", "autocast precision of the matmuls")
+    mixed_precision: Literal["no", "bf16", "auto"] = setting(
+        "no", "autocast precision of the matmuls; auto = bf16 on CUDA with bf16 and on CPUs with AMX, "
+              "else no (a rule on the hardware; the run records what it used)")
     loss_chunk: int = setting(128, "rows per chunk of the fused projection + loss; 0 = plain PyTorch", ge=0)
     loss_precision: Literal["autocast", "auto", "fp32", "bf16", "fp16"] = setting(
         "autocast", "full softmax: the fused loss's three matmuls; autocast = mixed_precision's; auto = each "

@@ -35,6 +35,7 @@ class TrainState:
     best_step: int = -1  # its step (-1: none yet)
     stale_validations: int = 0  # validations since the best one (train.early_stop_patience)
     loss_precision: str = ""  # the fused loss's matmuls, "out,grad_h,grad_w"; "": autocast's
+    mixed_precision: str = ""  # the autocast the run used (no, bf16; train.mixed_precision=auto decides)
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -48,7 +49,8 @@ class TrainState:
 
 
 # keys older checkpoints lack: their defaults are right for them
-_NEWER_KEYS = ("skipped_steps", "best_val", "best_step", "stale_validations", "loss_precision")
+_NEWER_KEYS = ("skipped_steps", "best_val", "best_step", "stale_validations", "loss_precision",
+               "mixed_precision")
 
 
 @dataclass

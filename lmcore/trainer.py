@@ -114,6 +114,7 @@ class Trainer:
             for problem in latest.problems:
                 warnings.warn(f"skipping damaged checkpoint: {problem}", stacklevel=2)
             self.restore(latest.checkpoint)
+        self._note_mixed_precision()
         self._choose_loss_precision()
         self.model, self.optimizer = self.acc.prepare(self.model, self.optimizer)
         self.raw_model: LSTMLM = self.acc.unwrap_model(self.model)
@@ -129,6 +130,16 @@ class Trainer:
                 row = json.dumps({**job, "kind": "train", "step": self.state.step,
                                   "time": round(time.time(), 3)})
                 self._record(run.jobs, lambda: fileio.append_line(run.jobs, row))
+
+    def _note_mixed_precision(self) -> None:
+        """Record the autocast this run uses; a resumed run that now uses another one says so
+        (train.mixed_precision=auto on another kind of node, or a changed setting)."""
+        s, now = self.state, self.acc.mixed_precision
+        if self.resumed_from is not None and s.mixed_precision and s.mixed_precision != now:
+            warnings.warn(f"train.mixed_precision={self.cfg.train.mixed_precision} is {now} here, the run "
+                          f"used {s.mixed_precision} before: the resumed run is not bit-identical to an "
+                          "uninterrupted one", stacklevel=2)
+        s.mixed_precision = now
 
     def _choose_loss_precision(self) -> None:
         """train.loss_precision, decided once per run on the main rank and shared (a timing could
@@ -348,9 +359,10 @@ class Trainer:
         s, tok = self.state, self.corpus.tokenizer
         if self.resumed_from is not None:
             self.bar.write(f"resumed from {self.resumed_from} at step {s.step}")
+        auto = " (train.mixed_precision=auto)" if self.cfg.train.mixed_precision == "auto" else ""
         self.bar.write(f"vocab {len(tok)}, {len(self.corpus.train)} reviews, {self.batches.steps_per_epoch} "
                        f"batches/epoch, {self.total_steps} steps, world size {self.world}, device "
-                       f"{self.acc.device}, precision {self.cfg.train.mixed_precision}")
+                       f"{self.acc.device}, precision {self.acc.mixed_precision}{auto}")
         if self.cfg.train.loss_precision != "autocast":
             self.bar.write(f"loss matmuls (out, out_grad_h, out_grad_w): {s.loss_precision} "
                            f"({self.loss_precision_why})")

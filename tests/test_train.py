@@ -135,13 +135,37 @@ def test_when_every_checkpoint_is_damaged_the_run_refuses_rather_than_start_over
 
 @pytest.mark.parametrize("softmax", ["full", "adaptive"])
 def test_mixed_precision_bf16_trains(tmp_path: Path, softmax: str):
-    """bf16 autocast with either softmax (the adaptive one is computed in fp32: torch's mixes
-    dtypes under autocast and failed)."""
+    """bf16 autocast with either softmax (the adaptive one's matmuls in bf16, its log-softmaxes in
+    fp32: torch's own mixes dtypes under autocast and fails)."""
     extra = {"model.softmax": "adaptive", "model.adaptive_cutoffs": "[20]"} if softmax == "adaptive" else {}
     cfg = load_config(None, tiny_overrides(tmp_path / "r", **{"train.max_steps": 20,
                                                               "train.mixed_precision": "bf16", **extra}))
     result = train(cfg, progress=False)
     assert result.step == 20 and result.val_ppl < 400
+
+
+def test_mixed_precision_auto_is_the_hardwares_choice_and_a_resume_in_another_one_says_so(tmp_path: Path):
+    from lmcore.runtime.precision import cpu_has_amx
+
+    run = tmp_path / "r"
+
+    def train_to(steps: int, precision: str) -> tuple[str, list[str]]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = train(load_config(None, tiny_overrides(run, **{"train.max_steps": steps,
+                                                                   "train.mixed_precision": precision})),
+                           progress=False)
+        state = json.loads((result.checkpoint / "trainer_state.json").read_text())
+        said = [str(w.message) for w in caught if "not bit-identical" in str(w.message)]
+        return state["mixed_precision"], said
+
+    assert train_to(4, "no") == ("no", [])
+    used, said = train_to(8, "bf16")
+    assert used == "bf16" and said == ["train.mixed_precision=bf16 is bf16 here, the run used no before: the "
+                                       "resumed run is not bit-identical to an uninterrupted one"]
+    auto = "bf16" if cpu_has_amx() else "no"  # no CUDA in the test suite: the CPU rule
+    used, said = train_to(12, "auto")
+    assert used == auto and len(said) == (auto != "bf16")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
