@@ -169,6 +169,7 @@ def run_sections(bench: Bench) -> None:
     if any(s in args.sections for s in ("train", "ttq", "eval", "gen")):
         print("\n== setup (excluded from the figures)", flush=True)
         bench.setup()
+        drop_unsupported(bench)
     order = [s for s in SECTIONS if s in args.sections]
     for s in order:
         print(f"\n== {s}", flush=True)
@@ -178,6 +179,24 @@ def run_sections(bench: Bench) -> None:
         r.setdefault("section_meta", {})[s] = {"seconds": round(time.perf_counter() - t, 1),
                                                "load_1min_start": round(l0, 2),
                                                "load_1min_end": round(os.getloadavg()[0], 2)}
+
+
+def drop_unsupported(bench: Bench) -> None:
+    """Leave out the variants that need bf16 where the CPU has none natively (lmcore refuses
+    them there, runtime/precision.py), saying so; the result records what was left out."""
+    args, r = bench.args, bench.result
+    if r["setup"]["native"]["bf16"]:
+        return
+    dropped = {}
+    for opt in ("train_variants", "eval_precisions", "gen_precisions"):
+        kept = [v for v in getattr(args, opt).split(",") if v and "bf16" not in v]
+        dropped[opt] = [v for v in getattr(args, opt).split(",") if v and "bf16" in v]
+        setattr(args, opt, ",".join(kept or (["fp32"] if opt != "train_variants" else ["seed"])))
+    dropped["ttq_variants"] = [v for v in args.ttq_variants if v == "bf16"]
+    args.ttq_variants = [v for v in args.ttq_variants if v != "bf16"] or ["fp32"]
+    r["left_out_no_native_bf16"] = dropped
+    print(f"  this CPU has no native bf16 ({r['setup']['cpu']}): left out "
+          + "; ".join(f"{k} {','.join(v)}" for k, v in dropped.items() if v), flush=True)
 
 
 def write_results(bench: Bench, load: dict, seconds: float) -> Path:

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from lmcore.runtime.precision import cpu_supports
+
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -115,9 +117,12 @@ def gflops(mm: Matmul, dtype: torch.dtype, min_seconds: float, repeats: int = 5)
     return {"best": round(max(rates), 1), "median": round(statistics.median(rates), 1)}
 
 
-LSTM_PRECISIONS = ("fp32", "bf16")  # the LSTM runs in fp32 or under bf16 autocast, all six matmuls alike
-OUT_PRECISIONS = {"train": ("fp32", "bf16", "fp16"), "eval": ("fp32", "bf16", "fp16"),
-                  "gen": ("fp32", "bf16", "int8")}  # the output layer's matmuls, each on its own
+# Only what this CPU runs natively: lmcore refuses bf16 and fp16 elsewhere (runtime/precision.py).
+NATIVE = tuple(p for p in PRECISIONS if cpu_supports(p))
+LSTM_PRECISIONS = tuple(p for p in ("fp32", "bf16") if p in NATIVE)  # fp32 or bf16 autocast, all six alike
+OUT_PRECISIONS = {job: tuple(p for p in ps if p in NATIVE or p == "int8")  # the output layer's, each alone
+                  for job, ps in {"train": ("fp32", "bf16", "fp16"), "eval": ("fp32", "bf16", "fp16"),
+                              "gen": ("fp32", "bf16", "int8")}.items()}
 
 
 def job_ceiling(job: str, matmuls: list[Matmul], min_seconds: float) -> dict[str, Any]:
@@ -126,7 +131,7 @@ def job_ceiling(job: str, matmuls: list[Matmul], min_seconds: float) -> dict[str
     each output-layer matmul in its fastest of OUT_PRECISIONS[job] (int8: the out_int8 row)."""
     rows, total = {}, sum(m.flops_per_token for m in matmuls if not m.int8)
     for mm in matmuls:
-        names = ("int8",) if mm.int8 else tuple(PRECISIONS)
+        names = ("int8",) if mm.int8 else NATIVE
         rows[mm.name] = {"shape": f"{mm.m}x{mm.k} @ {mm.k}x{mm.n}", "a_t": mm.a_t, "b_t": mm.b_t,
                          "gflop_per_token": round(mm.flops_per_token / 1e9, 6),
                          **{p: gflops(mm, torch.int8 if p == "int8" else PRECISIONS[p], min_seconds)
@@ -137,7 +142,7 @@ def job_ceiling(job: str, matmuls: list[Matmul], min_seconds: float) -> dict[str
         row = rows[mm.name + "_int8"] if p == "int8" else rows[mm.name]
         return mm.flops_per_token / (row[p]["best"] * 1e9)
 
-    ceilings = {p: round(total / sum(seconds(m, p) for m in floats) / 1e9, 1) for p in PRECISIONS}
+    ceilings = {p: round(total / sum(seconds(m, p) for m in floats) / 1e9, 1) for p in NATIVE}
     lstm = [m for m in floats if m.name.startswith("lstm")]
     lstm_p = min(LSTM_PRECISIONS, key=lambda p: sum(seconds(m, p) for m in lstm))
     choice = {"lstm": lstm_p}

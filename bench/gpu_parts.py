@@ -318,7 +318,7 @@ def our_eval(part: Part, precision: str) -> dict:
 
 def evaluation(part: Part) -> None:
     part.unit("reference", reference_eval, part)
-    for precision in ("fp32", "bf16"):
+    for precision in part.plan["eval"]["precisions"]:
         part.unit(f"ours_{precision}", our_eval, part, precision)
 
 

@@ -25,12 +25,18 @@ from generate_speed import notebook_ids, notebook_model, save_reference_checkpoi
 
 from lmcore.config import DataConfig
 from lmcore.data.cache import cache_root, fit_tokenizer, load_split, strided
+from lmcore.runtime.precision import cpu_supports
 
 
 def peak(size: int) -> dict[str, Any]:
-    """size x size matmul GFLOP/s in fp32 and bf16: best and median of 10, after 3 warm-ups."""
-    out: dict[str, Any] = {"size": size, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    """size x size matmul GFLOP/s in fp32 and bf16: best and median of 10, after 3 warm-ups. bf16
+    only where the CPU has it natively (oneDNN's reference path ran 0.3 GFLOP/s on an AVX2 EPYC:
+    ten minutes for this loop); elsewhere its figures are None."""
+    out: dict[str, Any] = {"size": size, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                           "bf16_gflops": None, "bf16_gflops_median": None}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if not cpu_supports(name):
+            continue
         x = torch.randn(size, size).to(dtype)
         y = torch.randn(size, size).to(dtype)
         for _ in range(3):
@@ -43,7 +49,7 @@ def peak(size: int) -> dict[str, Any]:
         flops = 2 * size**3
         out[f"{name}_gflops"] = round(flops / min(times) / 1e9, 1)
         out[f"{name}_gflops_median"] = round(flops / statistics.median(times) / 1e9, 1)
-    out["higher"] = "bf16" if out["bf16_gflops"] > out["fp32_gflops"] else "fp32"
+    out["higher"] = "bf16" if (out["bf16_gflops"] or 0) > out["fp32_gflops"] else "fp32"
     return out
 
 
@@ -73,6 +79,8 @@ def setup(data: str) -> dict[str, Any]:
     return {"cache": str(root), "built_new_entries": len(entries() - before),
             "tokenizer_s": round(tok_s, 2), "encode_train_s": round(train_s, 2),
             "encode_test_s": round(test_s, 2), "vocab": len(tok),
+            "native": {p: cpu_supports(p) for p in ("bf16", "fp16")},
+            "cpu": torch.backends.cpu.get_cpu_capability(),
             "val_reviews": len(val), "val_targets": targets}
 
 

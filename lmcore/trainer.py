@@ -170,7 +170,7 @@ class Trainer:
                                 "loss follows train.mixed_precision")
         head = getattr(self.model, "head", None)  # (the config allows auto only with the full softmax)
         return resolve(t.loss_precision, t.loss_chunk, head.in_features if head is not None else 0,
-                       len(self.corpus.tokenizer), cache_root(self.cfg.data))
+                       len(self.corpus.tokenizer), cache_root(self.cfg.data), self.acc.device.type)
 
     def _record(self, path: Path, write: Callable[[], None]) -> None:
         try:

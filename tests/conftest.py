@@ -14,6 +14,15 @@ SHARED = Path(os.environ.get("LMCORE_SHARED", REPO.parent / "shared"))
 IMDB = SHARED / "data" / "imdb"
 
 
+def needs_native(precision: str) -> pytest.MarkDecorator:
+    """For a test that runs a job in bf16 or fp16: skipped, saying why, on a CPU without it natively,
+    where lmcore refuses it (tests/test_precision.py::test_a_precision_the_cpu_lacks_is_refused)."""
+    from lmcore.runtime.precision import cpu_supports
+
+    return pytest.mark.skipif(not cpu_supports(precision), reason=f"this CPU has no native {precision}: "
+                              "lmcore refuses it here (test_a_precision_the_cpu_lacks_is_refused)")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "lmcore-cache"  # shared by the session: fast reruns

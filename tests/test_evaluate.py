@@ -19,6 +19,7 @@ from lmcore.data.cache import TokenizedSplit
 from lmcore.data.tokenizer import WordTokenizer
 from lmcore.evaluate import evaluate, notebook_rows
 from lmcore.model import LSTMLM
+from tests.conftest import needs_native
 
 TOK = WordTokenizer([f"w{i}" for i in range(60)])
 
@@ -59,6 +60,7 @@ def test_a_diverged_models_perplexity_is_infinite_not_an_overflow():
     assert perplexity(800.0) == math.inf  # math.exp(800) raises OverflowError
 
 
+@needs_native("bf16")
 def test_eval_precision_bf16_is_close_to_fp32_and_says_what_it_ran(tmp_path):
     """`lmcore eval eval.precision=bf16`: the forward in bf16 (the softmax and the sums in fp32)
     gives a figure near fp32's, not fp32's own; the result names the precision it ran."""
@@ -87,6 +89,7 @@ def test_eval_precision_bf16_is_close_to_fp32_and_says_what_it_ran(tmp_path):
     assert got["bf16"]["num_targets"] == got["fp32"]["num_targets"]
 
 
+@needs_native("bf16")
 def test_validation_during_bf16_training_scores_in_eval_precision(tmp_path):
     """A run trained under bf16 autocast validates in eval.precision (fp32 by default): its
     logged validation figure is exactly what `lmcore eval` in fp32 reports on the same reviews."""

@@ -13,6 +13,7 @@ from lmcore.errors import ConfigError
 from lmcore.gen.decoder import Decoder
 from lmcore.gen.sampling import CHUNK, SamplingParams, row_key, row_uniforms
 from lmcore.model import LSTMLM
+from tests.conftest import needs_native
 
 TOK = WordTokenizer([f"w{i}" for i in range(40)])
 
@@ -93,7 +94,8 @@ BIG = WordTokenizer([f"w{i}" for i in range(3 * CHUNK + 100)])  # several sampli
 
 
 @pytest.mark.parametrize(("arch", "precision"), [
-    ({}, "fp32"), ({}, "bf16"), ({}, "int8"), ({"num_layers": 2, "tie_weights": True}, "fp32"),
+    ({}, "fp32"), pytest.param({}, "bf16", marks=needs_native("bf16")), ({}, "int8"),
+    ({"num_layers": 2, "tie_weights": True}, "fp32"),
     ({"num_layers": 2, "tie_weights": True}, "int8"),
     ({"softmax": "adaptive", "adaptive_cutoffs": [500, 3000]}, "fp32")],
     ids=["plain", "plain-bf16", "plain-int8", "2-layer-tied-proj", "tied-proj-int8", "adaptive"])
@@ -169,7 +171,9 @@ def test_int8_logits_stay_within_their_rounding_bound(arch):
     assert float(diff[real].max()) > 0  # it is a different computation, not fp32 renamed
 
 
-@pytest.mark.parametrize(("arch", "precision"), [({}, "int8"), ({}, "bf16"), ({"tie_weights": True}, "bf16")],
+@pytest.mark.parametrize(("arch", "precision"), [
+    ({}, "int8"), pytest.param({}, "bf16", marks=needs_native("bf16")),
+    pytest.param({"tie_weights": True}, "bf16", marks=needs_native("bf16"))],
                          ids=["int8", "bf16", "bf16-tied-proj"])
 def test_plain_sampling_without_full_logits_draws_what_the_full_logits_give(arch, precision):
     """The fused sampler (chunk masses straight from the output matmul's int32 or bf16 result)

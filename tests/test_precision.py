@@ -8,9 +8,16 @@ import json
 import re
 
 import pytest
+import torch
 
-from lmcore.runtime.precision import dtypes_of, probe, resolve
-from tests.conftest import run_cli, tiny_overrides
+from lmcore.config import ModelConfig
+from lmcore.errors import ConfigError
+from lmcore.gen.decoder import Decoder
+from lmcore.model import LSTMLM
+from lmcore.runtime import precision
+from lmcore.runtime.accelerator import autocast_of
+from lmcore.runtime.precision import cpu_supports, dtypes_of, eval_precision, probe, resolve
+from tests.conftest import needs_native, run_cli, tiny_overrides
 
 CHOICE = re.compile(r"loss matmuls \(out, out_grad_h, out_grad_w\): (\S+) \((.*)\)")
 
@@ -35,14 +42,21 @@ def test_auto_measures_once_says_what_it_picked_and_a_resume_keeps_it(tmp_path):
     first = train(tmp_path / "a", *auto, "train.max_steps=4")
     choice, why = said(first)
     assert dtypes_of(choice) is not None
+    lows = [p for p in ("bf16", "fp16") if cpu_supports(p)]
+    if not lows:  # nothing to choose from: said, and nothing measured
+        cpu = torch.backends.cpu.get_cpu_capability()
+        assert (choice, why) == ("fp32,fp32,fp32", f"auto: this CPU has no native bf16 or fp16 ({cpu}), "
+                                                   "so all three loss matmuls in fp32")
+        assert not (cache / "precision").exists()
+        return
     assert why.startswith("auto, one 128-row chunk forward and backward: out ")
     (probe_file,) = (cache / "precision").glob("*.json")
     ms = json.loads(probe_file.read_text())["ms"]
     assert choice == ",".join(ms["picks"])
     for m, pick in zip(("out", "out_grad_h", "out_grad_w"), ms["picks"], strict=True):
-        rates = ", ".join(f"{p} {ms[m][p]:.1f}" for p in ("fp32", "bf16", "fp16"))
+        rates = ", ".join(f"{p} {ms[m][p]:.1f}" for p in ("fp32", *lows))
         assert f"{m} {pick} ({rates} ms)" in why
-    assert f"all bf16 {ms['uniform']['bf16']:.1f} ms, all fp16 {ms['uniform']['fp16']:.1f} ms" in why
+    assert ", ".join(f"all {p} {ms['uniform'][p]:.1f} ms" for p in lows) in why
     base = ms["out"]["fp32"]
     if ms["picks"] != ["fp32"] * 3:  # a lower precision only where it saved 5% of the chunk's time
         assert ms["combined"] <= 0.95 * base
@@ -63,12 +77,12 @@ def test_auto_measures_once_says_what_it_picked_and_a_resume_keeps_it(tmp_path):
     assert json.loads((last / "trainer_state.json").read_text())["loss_precision"] == choice
 
     # resumed with another explicit precision: it is used, with a warning that says so
-    other = "fp16" if choice != "fp16,fp16,fp16" else "bf16"
+    other = next(p for p in lows if choice != ",".join([p] * 3))
     switched = train(tmp_path / "a", f"train.loss_precision={other}", "train.max_steps=10")
     assert said(switched)[0] == ",".join([other] * 3)
     assert f"is not what the run used before ({choice})" in switched.stderr
 
-@pytest.mark.parametrize("setting", ["fp16", "bf16"])
+@pytest.mark.parametrize("setting", [pytest.param(p, marks=needs_native(p)) for p in ("fp16", "bf16")])
 def test_an_explicit_precision_trains_all_three_matmuls_in_it(tmp_path, setting):
     proc = train(tmp_path / "r", f"train.loss_precision={setting}", "train.max_steps=6")
     assert said(proc) == (f"{setting},{setting},{setting}", f"all three loss matmuls in {setting}")
@@ -85,7 +99,7 @@ def test_the_default_follows_autocast_and_says_nothing_more(tmp_path):
 
 
 def test_the_probe_times_every_matmul_in_every_precision():
-    ms = probe(chunk=16, hidden=8, vocab=64, seconds=0.001)
+    ms = probe(chunk=16, hidden=8, vocab=64, seconds=0.001)  # (the tiny shape runs on any CPU)
     assert set(ms) == {"out", "out_grad_h", "out_grad_w", "uniform", "combined", "picks"}
     assert set(ms["uniform"]) == {"bf16", "fp16"} and min(ms["uniform"].values()) > 0
     assert all(set(ms[m]) == {"fp32", "bf16", "fp16"} and min(ms[m].values()) > 0
@@ -97,3 +111,34 @@ def test_a_bad_choice_string_is_refused():
     with pytest.raises(ValueError, match="three of fp32, bf16, fp16"):
         dtypes_of("fp16,fp8,fp32")
     assert dtypes_of("autocast") is None and dtypes_of("") is None  # "": a checkpoint older than the key
+
+
+def test_a_precision_the_cpu_lacks_is_refused(tmp_path, monkeypatch):
+    """bf16 or fp16 where the CPU has neither natively (an AVX2-only CPU: oneDNN has no bf16 LSTM
+    there, and its bf16 matmuls ran 0.3 GFLOP/s against fp32's 106): every setting that takes a
+    precision refuses it in one line that says what to use; "auto" picks fp32 without measuring."""
+    monkeypatch.setattr(precision, "cpu_supports", lambda name: name == "fp32")
+    model = LSTMLM(50, ModelConfig(embedding_dim=8, hidden_dim=8), 1)
+    calls = {"train.mixed_precision": autocast_of,
+             "eval.precision": lambda p: eval_precision(p, torch.device("cpu")),
+             "train.loss_precision": lambda p: resolve(p, 128, 32, 100, tmp_path),
+             "generate.precision": lambda p: Decoder.check(model, p, "cpu")}
+    for setting, call in calls.items():
+        both = setting in ("train.mixed_precision", "train.loss_precision")
+        for p in ("bf16", "fp16") if both else ("bf16",):
+            with pytest.raises(ConfigError, match=f"^{setting}={p}: this CPU has no native {p} .*: use "
+                                                  f"{setting}=auto or fp32$"):
+                call(p)
+    assert autocast_of("auto") == "no" and eval_precision("auto", torch.device("cpu"))[0] == "fp32"
+    assert resolve("auto", 128, 32, 100, tmp_path)[0] == "fp32,fp32,fp32"
+    assert not (tmp_path / "precision").exists()  # nothing measured
+
+
+@pytest.mark.skipif(cpu_supports("bf16"),
+                    reason="this CPU has bf16: test_mixed_precision_bf16_trains runs it")
+def test_bf16_on_a_cpu_without_it_is_one_line_and_trains_nothing(tmp_path):
+    proc = run_cli("train", *tiny_overrides(tmp_path / "r", **{"train.mixed_precision": "bf16",
+                                                               "tracking.wandb_mode": "disabled"}))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "train.mixed_precision=bf16: this CPU has no native bf16" in proc.stderr
+    assert not list((tmp_path / "r").glob("checkpoints/step_*"))

@@ -21,7 +21,7 @@ from lmcore.config import load_config
 from lmcore.errors import LmcoreError
 from lmcore.track.metrics import read_metrics
 from lmcore.trainer import train
-from tests.conftest import REPO, run_cli, tiny_overrides
+from tests.conftest import REPO, needs_native, run_cli, tiny_overrides
 
 
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -133,6 +133,7 @@ def test_when_every_checkpoint_is_damaged_the_run_refuses_rather_than_start_over
     assert after == before  # nothing overwritten, nothing pruned
 
 
+@needs_native("bf16")
 @pytest.mark.parametrize("softmax", ["full", "adaptive"])
 def test_mixed_precision_bf16_trains(tmp_path: Path, softmax: str):
     """bf16 autocast with either softmax (the adaptive one's matmuls in bf16, its log-softmaxes in
@@ -144,6 +145,7 @@ def test_mixed_precision_bf16_trains(tmp_path: Path, softmax: str):
     assert result.step == 20 and result.val_ppl < 400
 
 
+@needs_native("bf16")
 def test_mixed_precision_auto_is_the_hardwares_choice_and_a_resume_in_another_one_says_so(tmp_path: Path):
     from lmcore.runtime.precision import cpu_has_amx
 

@@ -89,9 +89,11 @@ def run(b: Bench) -> None:
     for o in ours:
         o["ratio_real_tokens_per_s"] = round(o["real_tokens_per_s"] / ref_tps, 2)
         o["model_gflops"] = round(o["real_tokens_per_s"] * flops_token / 1e9, 1)
-        o["fraction_of_bf16_peak"] = round(o["model_gflops"] / pk["bf16_gflops"], 3)
+        bf16 = pk["bf16_gflops"]  # None where the CPU has no native bf16
+        o["fraction_of_bf16_peak"] = round(o["model_gflops"] / bf16, 3) if bf16 else None
         o["fraction_of_fp32_peak"] = round(o["model_gflops"] / pk["fp32_gflops"], 3)
-        own = ("fp32", "bf16", "fp16") if "auto" in o["variant"] else (
+        own = tuple(p for p in peak.run(b)["jobs"]["train"]["ceiling_gflops"] if p != "best") if (
+            "auto" in o["variant"]) else (
             ("bf16",) if "bf16" in o["variant"] else ("fp32",))
         o.update(peak.fraction(b, "train", o["model_gflops"], own))
         o["rss_fraction_of_reference"] = round(o["peak_rss_mb"] / ref_rss, 3)

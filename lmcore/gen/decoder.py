@@ -40,6 +40,7 @@ from lmcore.data.tokenizer import WordTokenizer
 from lmcore.errors import ConfigError
 from lmcore.gen.sampling import SamplingParams, chunk_layout, chunk_mass, pick_tokens, sample_by_chunks
 from lmcore.model import LSTMLM
+from lmcore.runtime.precision import require_supported
 
 MIN_ROWS = 16  # CPU matmuls with fewer rows use another MKL kernel (other last bits)
 INT8_ROWS = 128  # rows per int8 output matmul: oneDNN's VNNI kernel is ~3x slower above ~192
@@ -65,10 +66,13 @@ class Decoder:
     """
 
     @staticmethod
-    def check(model: LSTMLM, precision: str) -> None:
-        """Refuse a precision this model or this torch cannot run (before a job claims anything)."""
+    def check(model: LSTMLM, precision: str, device: torch.device | str | None = None) -> None:
+        """Refuse a precision this model, this torch or this hardware cannot run (before a job
+        claims anything)."""
         if precision not in ("fp32", "bf16", "int8"):
             raise ConfigError(f"generate.precision must be fp32, bf16 or int8 here, got {precision!r}")
+        if precision == "bf16":
+            require_supported("bf16", device or next(model.parameters()).device, "generate.precision")
         if precision == "int8" and not hasattr(torch, "_int_mm"):
             raise ConfigError(f"generate.precision=int8 needs torch._int_mm, which torch {torch.__version__} "
                               "lacks: use generate.precision=fp32")
@@ -78,7 +82,7 @@ class Decoder:
 
     def __init__(self, model: LSTMLM, tok: WordTokenizer, params: SamplingParams,
                  device: torch.device | str | None = None, precision: str = "fp32", fixed_rows: int = 0):
-        self.check(model, precision)
+        self.check(model, precision, device)
         self.params = params
         self.tok = tok
         self.device = torch.device(device) if device is not None else next(model.parameters()).device

@@ -108,7 +108,7 @@ class ShardJob:
         self.rank, self.world, self.main = acc.process_index, acc.num_processes, acc.is_main_process
         self.model, self.tok = self.ckpt.build_model(self.acc.device)
         self.precision = resolve_precision(g.precision, self.out, self.acc.device)
-        Decoder.check(self.model, self.precision)
+        Decoder.check(self.model, self.precision, self.acc.device)
         self.rejects: IO[bytes] | None = None
         self.scan = self._scan()
         self.params = job_params(self.cfg, self.ckpt.info(), self.source, self.scan, self.precision)

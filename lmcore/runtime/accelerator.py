@@ -13,7 +13,7 @@ import torch
 from lmcore.config import Config
 from lmcore.deps import require
 from lmcore.errors import LmcoreError, first_line
-from lmcore.runtime.precision import auto_precision
+from lmcore.runtime.precision import auto_precision, require_supported
 from lmcore.slurm.env import nodes_down
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
@@ -64,9 +64,12 @@ def autocast_of(setting: str) -> str:
     (runtime/precision.auto_precision: CUDA with bf16, a CPU with AMX), else no. Measured on the
     AMX VM: imdb_fast 0.16-0.19 s a step in bf16 against 0.24-0.27 in fp32; on the CPUs without
     AMX of 2026-11-28 bf16 ran at about half fp32's speed."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if setting in ("bf16", "fp16"):
+        require_supported(setting, device, "train.mixed_precision")
     if setting != "auto":
         return setting
-    return "bf16" if auto_precision("cuda" if torch.cuda.is_available() else "cpu") == "bf16" else "no"
+    return "bf16" if auto_precision(device) == "bf16" else "no"
 
 
 def rank_hosts(accelerator) -> list[str]:

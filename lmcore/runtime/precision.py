@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from lmcore import fileio
+from lmcore.errors import ConfigError
 from lmcore.loss import MATMULS, Dtypes, linear_cross_entropy
 
 NAMES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,6 +53,26 @@ def cpu_has_amx() -> bool:
     return False
 
 
+def cpu_supports(name: str) -> bool:
+    """Whether this CPU runs `name` natively through oneDNN. Without it (an AVX2-only CPU, such
+    as the AMD EPYC VM of 2026-12-02) oneDNN has no bf16 LSTM at all ("could not create a
+    primitive descriptor for the LSTM forward propagation primitive") and bf16 matmuls fall back
+    to a reference path: 2048^2 at 0.3 GFLOP/s there against fp32's 106."""
+    if name == "fp32":
+        return True
+    check = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}[name]
+    return bool(getattr(torch.ops.mkldnn, check)())
+
+
+def require_supported(name: str, device: torch.device | str, setting: str) -> None:
+    """A one-line ConfigError where `setting`=`name` cannot run on this device's hardware."""
+    if torch.device(device).type == "cpu" and not cpu_supports(name):
+        raise ConfigError(f"{setting}={name}: this CPU has no native {name} "
+                          f"({torch.backends.cpu.get_cpu_capability()}; oneDNN supports none), so its "
+                          f"LSTM cannot run and its matmuls would run ~300x slower than fp32: use "
+                          f"{setting}=auto or fp32")
+
+
 def auto_precision(device: torch.device | str) -> str:
     """What is fast here: bf16 on CUDA (when supported) and on CPUs with AMX, else fp32.
     A rule on the hardware, not a timing, so every task of a job decides the same."""
@@ -67,6 +88,7 @@ def eval_precision(setting: str, device: torch.device) -> tuple[str, Callable[[]
     """eval.precision as (fp32 or bf16, a context factory for the forward passes in it): the
     eval job and validation during training both score this way."""
     precision = auto_precision(device) if setting == "auto" else setting
+    require_supported(precision, device, "eval.precision")
     if precision == "fp32":
         return precision, nullcontext
     return precision, lambda: torch.autocast(device.type, dtype=NAMES[precision])
@@ -83,14 +105,22 @@ def dtypes_of(choice: str) -> Dtypes | None:
     return tuple(NAMES[p] for p in parts)  # type: ignore[return-value]
 
 
-def resolve(setting: str, chunk: int, hidden: int, vocab: int, cache_dir: Path) -> tuple[str, str]:
+def resolve(setting: str, chunk: int, hidden: int, vocab: int, cache_dir: Path,
+            device: str = "cpu") -> tuple[str, str]:
     """(the choice: 'autocast' or 'out,grad_h,grad_w'; a line saying why)."""
     if setting == "autocast":
         return "autocast", "the loss's matmuls follow train.mixed_precision"
     if setting in NAMES:
+        require_supported(setting, device, "train.loss_precision")
         return ",".join([setting] * len(MATMULS)), f"all three loss matmuls in {setting}"
-    ms = _cached_probe(chunk, hidden, vocab, cache_dir)
-    why = "; ".join(f"{m} {p} ({', '.join(f'{q} {ms[m][q]:.1f}' for q in NAMES)} ms)"
+    lows = tuple(p for p in ("bf16", "fp16") if cpu_supports(p))
+    if not lows:  # nothing to measure: a probe would spend minutes in oneDNN's reference path
+        return ",".join(["fp32"] * len(MATMULS)), (
+            f"auto: this CPU has no native bf16 or fp16 ({torch.backends.cpu.get_cpu_capability()}), "
+            "so all three loss matmuls in fp32")
+    ms = _cached_probe(chunk, hidden, vocab, cache_dir, lows)
+    names = ("fp32", *lows)
+    why = "; ".join(f"{m} {p} ({', '.join(f'{q} {ms[m][q]:.1f}' for q in names)} ms)"
                     for m, p in zip(MATMULS, ms["picks"], strict=True))
     uniform = ", ".join(f"all {p} {t:.1f} ms" for p, t in ms["uniform"].items())
     return ",".join(ms["picks"]), (f"auto, one {chunk}-row chunk forward and backward: {why}; {uniform}; "
@@ -109,17 +139,17 @@ def _machine() -> str:
     return " | ".join(desc)
 
 
-def _cached_probe(chunk: int, hidden: int, vocab: int, cache_dir: Path) -> dict:
+def _cached_probe(chunk: int, hidden: int, vocab: int, cache_dir: Path, lows: tuple[str, ...]) -> dict:
     key = "\n".join(map(str, (CACHE_VERSION, _machine(), torch.__version__, torch.get_num_threads(),
-                              chunk, hidden, vocab)))
+                              chunk, hidden, vocab, ",".join(lows))))
     path = cache_dir / "precision" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
     try:
         cached = json.loads(path.read_text())
-        if cached.get("key") == key and _well_formed(cached["ms"]):
+        if cached.get("key") == key and _well_formed(cached["ms"], lows):
             return cached["ms"]
     except (OSError, ValueError, KeyError, AttributeError, TypeError):
         pass  # absent or unreadable: measure again
-    ms = probe(chunk, hidden, vocab)
+    ms = probe(chunk, hidden, vocab, lows=lows)
     try:
         fileio.atomic_write_json(path, {"key": key, "ms": ms})
     except OSError as e:  # a cache that cannot be written costs the next run a few seconds
@@ -128,14 +158,15 @@ def _cached_probe(chunk: int, hidden: int, vocab: int, cache_dir: Path) -> dict:
     return ms
 
 
-def _well_formed(ms: dict) -> bool:
-    return (all(isinstance(ms[m][p], float) for m in MATMULS for p in NAMES)
-            and all(isinstance(ms["uniform"][p], float) for p in ("bf16", "fp16"))
+def _well_formed(ms: dict, lows: tuple[str, ...]) -> bool:
+    return (all(isinstance(ms[m][p], float) for m in MATMULS for p in ("fp32", *lows))
+            and all(isinstance(ms["uniform"][p], float) for p in lows)
             and isinstance(ms["combined"], float) and len(ms["picks"]) == 3
-            and set(ms["picks"]) <= set(NAMES))
+            and set(ms["picks"]) <= {"fp32", *lows})
 
 
-def probe(chunk: int, hidden: int, vocab: int, seconds: float = 0.1) -> dict:
+def probe(chunk: int, hidden: int, vocab: int, seconds: float = 0.1,
+          lows: tuple[str, ...] = ("bf16", "fp16")) -> dict:
     """Milliseconds of the fused loss's forward and backward over one chunk at the run's shape:
     each matmul in fp32, bf16 and fp16 with the others in fp32; the picks (a lower precision
     where it saves MARGIN of the chunk's time; the best single change if the picks together do
@@ -155,22 +186,22 @@ def probe(chunk: int, hidden: int, vocab: int, seconds: float = 0.1) -> dict:
     base = ms_of((None, None, None))
     out: dict = {m: {"fp32": base} for m in MATMULS}
     for i, m in enumerate(MATMULS):
-        for name in ("bf16", "fp16"):
+        for name in lows:
             dtypes = [None, None, None]
             dtypes[i] = NAMES[name]
             out[m][name] = ms_of(tuple(dtypes))  # type: ignore[arg-type]
-    picks = [min(NAMES, key=lambda p, m=m: out[m][p] / (1.0 if p == "fp32" else 1 - MARGIN))
+    picks = [min(("fp32", *lows), key=lambda p, m=m: out[m][p] / (1.0 if p == "fp32" else 1 - MARGIN))
              for m in MATMULS]
     candidates = [(picks, ms_of(tuple(NAMES[p] for p in picks)) if picks != ["fp32"] * 3 else base)]
     # The savings need not add up (a low-precision forward gives up the folded bias, say), and
     # changes can pay together what neither pays alone (both gradient matmuls in bf16 share one
     # cast of the softmax gradient: measured on AMX, all-bf16 beat every single change): so also
     # the single change that saved most, and each precision throughout.
-    m1, p1 = min(((m, p) for m in MATMULS for p in ("bf16", "fp16")), key=lambda mp: out[mp[0]][mp[1]])
+    m1, p1 = min(((m, p) for m in MATMULS for p in lows), key=lambda mp: out[mp[0]][mp[1]])
     single = ["fp32"] * 3
     single[MATMULS.index(m1)] = p1
     candidates.append((single, out[m1][p1]))
-    out["uniform"] = {name: ms_of((NAMES[name],) * 3) for name in ("bf16", "fp16")}
+    out["uniform"] = {name: ms_of((NAMES[name],) * 3) for name in lows}
     candidates += [([name] * 3, t) for name, t in out["uniform"].items()]
     picks, combined = min(candidates, key=lambda c: c[1])
     if combined > base * (1 - MARGIN):
