@@ -183,8 +183,14 @@ def run_sections(bench: Bench) -> None:
 
 def drop_unsupported(bench: Bench) -> None:
     """Leave out the variants that need bf16 where the CPU has none natively (lmcore refuses
-    them there, runtime/precision.py), saying so; the result records what was left out."""
+    them there, runtime/precision.py), and int8 generation without VNNI, saying so; the result
+    records what was left out."""
     args, r = bench.args, bench.result
+    if not r["setup"]["vnni"] and "int8" in args.gen_precisions.split(","):  # int8 ~15x slower than fp32
+        args.gen_precisions = ",".join(p for p in args.gen_precisions.split(",") if p != "int8") or "fp32"
+        r["left_out_no_vnni"] = {"gen_precisions": ["int8"]}
+        print("  this CPU has no VNNI: left out gen_precisions int8 (torch._int_mm ~15x slower than fp32 "
+              "there; bench/ceiling.py's out_int8 row measures it)", flush=True)
     if r["setup"]["native"]["bf16"]:
         return
     dropped = {}

@@ -25,7 +25,7 @@ from generate_speed import notebook_ids, notebook_model, save_reference_checkpoi
 
 from lmcore.config import DataConfig
 from lmcore.data.cache import cache_root, fit_tokenizer, load_split, strided
-from lmcore.runtime.precision import cpu_supports
+from lmcore.runtime.precision import cpu_has_vnni, cpu_supports
 
 
 def peak(size: int) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def setup(data: str) -> dict[str, Any]:
     return {"cache": str(root), "built_new_entries": len(entries() - before),
             "tokenizer_s": round(tok_s, 2), "encode_train_s": round(train_s, 2),
             "encode_test_s": round(test_s, 2), "vocab": len(tok),
-            "native": {p: cpu_supports(p) for p in ("bf16", "fp16")},
+            "native": {p: cpu_supports(p) for p in ("bf16", "fp16")}, "vnni": cpu_has_vnni(),
             "cpu": torch.backends.cpu.get_cpu_capability(),
             "val_reviews": len(val), "val_targets": targets}
 

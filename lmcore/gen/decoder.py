@@ -30,6 +30,7 @@ so every step runs the same kernels; identity across batch sizes is not claimed 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +41,7 @@ from lmcore.data.tokenizer import WordTokenizer
 from lmcore.errors import ConfigError
 from lmcore.gen.sampling import SamplingParams, chunk_layout, chunk_mass, pick_tokens, sample_by_chunks
 from lmcore.model import LSTMLM
-from lmcore.runtime.precision import require_supported
+from lmcore.runtime.precision import cpu_has_vnni, require_supported
 
 MIN_ROWS = 16  # CPU matmuls with fewer rows use another MKL kernel (other last bits)
 INT8_ROWS = 128  # rows per int8 output matmul: oneDNN's VNNI kernel is ~3x slower above ~192
@@ -71,14 +72,19 @@ class Decoder:
         claims anything)."""
         if precision not in ("fp32", "bf16", "int8"):
             raise ConfigError(f"generate.precision must be fp32, bf16 or int8 here, got {precision!r}")
+        device = torch.device(device) if device is not None else next(model.parameters()).device
         if precision == "bf16":
-            require_supported("bf16", device or next(model.parameters()).device, "generate.precision")
+            require_supported("bf16", device, "generate.precision")
         if precision == "int8" and not hasattr(torch, "_int_mm"):
             raise ConfigError(f"generate.precision=int8 needs torch._int_mm, which torch {torch.__version__} "
                               "lacks: use generate.precision=fp32")
         if precision == "int8" and model.adaptive is not None:
             raise ConfigError("generate.precision=int8 is for the full softmax; this model uses the adaptive "
                               "softmax: use generate.precision=fp32 or bf16")
+        if precision == "int8" and device.type == "cpu" and not cpu_has_vnni():
+            warnings.warn("generate.precision=int8 on a CPU without VNNI: its int8 matmul is ~15x slower "
+                          "than fp32's there (measured on an AVX2 CPU): generate.precision=fp32 is faster",
+                          stacklevel=2)
 
     def __init__(self, model: LSTMLM, tok: WordTokenizer, params: SamplingParams,
                  device: torch.device | str | None = None, precision: str = "fp32", fixed_rows: int = 0):
