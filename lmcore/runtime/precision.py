@@ -78,9 +78,8 @@ def require_supported(name: str, device: torch.device | str, setting: str) -> No
     """A one-line ConfigError where `setting`=`name` cannot run on this device's hardware."""
     if torch.device(device).type == "cpu" and not cpu_supports(name):
         raise ConfigError(f"{setting}={name}: this CPU has no native {name} "
-                          f"({torch.backends.cpu.get_cpu_capability()}; oneDNN supports none), so its "
-                          f"LSTM cannot run and its matmuls would run ~300x slower than fp32: use "
-                          f"{setting}=auto or fp32")
+                          f"({torch.backends.cpu.get_cpu_capability()}): oneDNN has no bf16 LSTM there and "
+                          f"runs such matmuls ~300x slower than fp32: use {setting}=auto or fp32")
 
 
 def auto_precision(device: torch.device | str) -> str:
