@@ -104,8 +104,8 @@ class TrainConfig:
              "resumes; validation excluded); 0 = no limit", ge=0.0)
     grad_accum: int = setting(1, "micro-batches per optimizer step", gt=0, le=1024)
     mixed_precision: Literal["no", "bf16", "auto"] = setting(
-        "no", "autocast precision of the matmuls; auto = bf16 on CUDA with bf16 and on CPUs with AMX, "
-              "else no (a rule on the hardware; the run records what it used)")
+        "no", "autocast precision of the matmuls; auto = bf16 on CUDA with bf16 and on CPUs where it is fast "
+              "(AMX, AMD's AVX512_BF16), else no (a rule on the hardware; the run records what it used)")
     loss_chunk: int = setting(128, "rows per chunk of the fused projection + loss; 0 = plain PyTorch", ge=0)
     loss_precision: Literal["autocast", "auto", "fp32", "bf16", "fp16"] = setting(
         "autocast", "full softmax: the fused loss's three matmuls; autocast = mixed_precision's; auto = each "
@@ -136,7 +136,8 @@ class EvalConfig:
                                           "perplexity of the text)")
     precision: Literal["fp32", "bf16", "auto"] = setting(
         "fp32", "forward precision of eval and of validation during training (the softmax and the sums "
-                "stay fp32); auto = bf16 where it is fast (AMX, CUDA), bench/README.md 'Lower precisions'")
+                "stay fp32); auto = bf16 where it is fast (AMX, AMD's AVX512_BF16, CUDA), bench/README.md "
+                "'Lower precisions'")
 
 
 @dataclass

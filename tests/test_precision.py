@@ -107,6 +107,16 @@ def test_the_probe_times_every_matmul_in_every_precision():
     assert len(ms["picks"]) == 3 and ms["combined"] > 0
 
 
+@pytest.mark.parametrize("vendor, flags, fast", [
+    ("GenuineIntel", "avx512f avx512_bf16 avx512_fp16 amx_bf16 amx_tile", True),  # bf16 705-927, fp32 220-284
+    ("GenuineIntel", "avx512f avx512_bf16 avx512_fp16 avx512_vnni", False),  # bf16 150-175, fp32 280-350
+    ("AuthenticAMD", "avx512f avx512_bf16 avx512_vnni", True),  # bf16 415, fp32 183 (2026-12-06)
+    ("AuthenticAMD", "avx2 fma", False),  # no native bf16 at all: 0.3 against 106
+])
+def test_auto_is_bf16_on_the_cpus_where_it_measured_faster(vendor, flags, fast):
+    assert precision.cpu_fast_bf16(vendor, set(flags.split())) is fast
+
+
 def test_a_bad_choice_string_is_refused():
     with pytest.raises(ValueError, match="three of fp32, bf16, fp16"):
         dtypes_of("fp16,fp8,fp32")

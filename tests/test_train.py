@@ -147,7 +147,7 @@ def test_mixed_precision_bf16_trains(tmp_path: Path, softmax: str):
 
 @needs_native("bf16")
 def test_mixed_precision_auto_is_the_hardwares_choice_and_a_resume_in_another_one_says_so(tmp_path: Path):
-    from lmcore.runtime.precision import cpu_has_amx
+    from lmcore.runtime.precision import cpu_fast_bf16
 
     run = tmp_path / "r"
 
@@ -165,7 +165,7 @@ def test_mixed_precision_auto_is_the_hardwares_choice_and_a_resume_in_another_on
     used, said = train_to(8, "bf16")
     assert used == "bf16" and said == ["train.mixed_precision=bf16 is bf16 here, the run used no before: the "
                                        "resumed run is not bit-identical to an uninterrupted one"]
-    auto = "bf16" if cpu_has_amx() else "no"  # no CUDA in the test suite: the CPU rule
+    auto = "bf16" if cpu_fast_bf16() else "no"  # no CUDA in the test suite: the CPU rule
     used, said = train_to(12, "auto")
     assert used == auto and len(said) == (auto != "bf16")
 

@@ -40,8 +40,9 @@ def ttq_rows(path: Path) -> tuple[list[dict], float]:
     return vals, max(seconds.values(), default=0.0)
 
 
-# Our ttq runs: the config as shipped, and with bf16 autocast (the faster where the CPU has AMX:
-# its adaptive softmax's matmuls in bf16, its log-softmaxes in fp32); the target takes the faster.
+# Our ttq runs: the config as shipped, and with bf16 autocast (the faster where bf16 is fast, AMX or
+# AMD's AVX512_BF16: its adaptive softmax's matmuls in bf16, its log-softmaxes in fp32); the target
+# takes the faster.
 TTQ_VARIANTS: dict[str, list[str]] = {"fp32": [], "bf16": ["train.mixed_precision=bf16"]}
 
 
