@@ -200,6 +200,29 @@ def test_each_matmul_of_the_fused_loss_in_its_own_precision_stays_close_to_fp32(
         assert g_lo.dtype == torch.float32 and (g_lo - g32).norm() / g32.norm() < 2e-2
 
 
+@pytest.mark.parametrize("group_rows", [128, 384, 512, 4096])
+def test_a_bf16_weight_gradient_over_groups_of_chunks_counts_every_row_once(monkeypatch, group_rows):
+    """bf16's weight gradient sums the softmax gradients of several chunks in one matmul
+    (loss.GRAD_W_ROWS): 1,100 rows in 128-row chunks make groups of 3, 4 or all 9 chunks, the
+    last one short (76 rows, padded to 80). A row left out or counted twice would move the
+    weight gradient far more than bf16's rounding does."""
+    import lmcore.loss as loss_mod
+
+    monkeypatch.setattr(loss_mod, "GRAD_W_ROWS", group_rows)
+    torch.manual_seed(5)
+    h = torch.tanh(torch.randn(1100, 32)).requires_grad_()
+    w = (torch.randn(3000, 32) * 0.3).requires_grad_()
+    b = (torch.randn(3000) * 0.1).requires_grad_()
+    t = torch.randint(0, 3000, (1100,))
+    grads = []
+    for d in ((None,) * 3, (torch.bfloat16,) * 3):
+        h.grad = w.grad = b.grad = None
+        loss_mod.linear_cross_entropy(h, w, b, t, 128, d).backward()
+        grads.append((h.grad.clone(), w.grad.clone(), b.grad.clone()))
+    for g32, g16 in zip(*grads, strict=True):
+        assert (g16 - g32).norm() / g32.norm() < 1e-2
+
+
 def test_all_fp32_given_explicitly_is_bit_identical_and_low_precision_works_without_bias_and_with_bf16_h():
     from lmcore.loss import linear_cross_entropy
 
