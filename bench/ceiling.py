@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from lmcore.loss import COLS, FORWARD_ROWS, GRAD_W_ROWS
 from lmcore.runtime.precision import cpu_supports
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,6 +42,7 @@ class Matmul:
     a_t: bool = False
     b_t: bool = False
     int8: bool = False  # lmcore has an int8 kernel for it (torch._int_mm, generation's output layer)
+    k_bf16: int = 0  # bf16 runs it with this inner size instead (the same FLOPs in fewer, larger calls)
 
     @property
     def flops_per_token(self) -> float:
@@ -61,16 +63,19 @@ def train_matmuls(vocab: int, emb: int, hidden: int, streams: int, seq: int, chu
         Matmul("lstm_hh_grad_w", g, streams, hidden, 1 / streams, a_t=True),
         Matmul("out", chunk, hidden + 1, vocab, 1 / chunk, b_t=True),
         Matmul("out_grad_h", chunk, vocab, hidden, 1 / chunk),
-        Matmul("out_grad_w", vocab, chunk, hidden + 1, 1 / chunk, a_t=True),
+        Matmul("out_grad_w", vocab, chunk, hidden + 1, 1 / chunk, a_t=True,
+               k_bf16=max(chunk, GRAD_W_ROWS // chunk * chunk)),  # bf16: several chunks per matmul
     ]
 
 
-def eval_matmuls(vocab: int, emb: int, hidden: int, reviews: int, seq: int, chunk: int) -> list[Matmul]:
-    """An eval batch: forward only."""
+def eval_matmuls(vocab: int, emb: int, hidden: int, reviews: int, seq: int) -> list[Matmul]:
+    """An eval batch: forward only, the loss in FORWARD_ROWS-row chunks of COLS-word blocks
+    (lmcore/loss.py: forward_only)."""
     rows, g = reviews * seq, 4 * hidden
     return [Matmul("lstm_ih", rows, emb, g, 1 / rows, b_t=True),
             Matmul("lstm_hh", reviews, hidden, g, 1 / reviews, b_t=True),
-            Matmul("out", chunk, hidden + 1, vocab, 1 / chunk, b_t=True)]
+            Matmul("out", FORWARD_ROWS, hidden + 1, min(COLS, vocab), vocab / min(COLS, vocab) / FORWARD_ROWS,
+                   b_t=True)]
 
 
 def gen_matmuls(vocab: int, emb: int, hidden: int, rows: int, int8_rows: int) -> list[Matmul]:
@@ -91,12 +96,14 @@ def _operands(mm: Matmul, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tenso
             t = torch.randn((c, r) if transposed else (r, c)).to(dtype)
         return t.t() if transposed else t
 
-    return make(mm.m, mm.k, mm.a_t), make(mm.k, mm.n, mm.b_t)
+    k = mm.k_bf16 if mm.k_bf16 and dtype == torch.bfloat16 else mm.k
+    return make(mm.m, k, mm.a_t), make(k, mm.n, mm.b_t)
 
 
 def gflops(mm: Matmul, dtype: torch.dtype, min_seconds: float, repeats: int = 5) -> dict[str, float]:
     """Best and median GFLOP/s of `repeats` timings, each as many calls as fill min_seconds."""
     a, b = _operands(mm, dtype)
+    k = a.shape[1]
     out = torch.empty(mm.m, mm.n, dtype=torch.int32 if dtype == torch.int8 else dtype)
     if dtype == torch.int8:
         def call() -> None:
@@ -113,7 +120,7 @@ def gflops(mm: Matmul, dtype: torch.dtype, min_seconds: float, repeats: int = 5)
         t = time.perf_counter()
         for _ in range(calls):
             call()
-        rates.append(2.0 * mm.m * mm.k * mm.n * calls / (time.perf_counter() - t) / 1e9)
+        rates.append(2.0 * mm.m * k * mm.n * calls / (time.perf_counter() - t) / 1e9)
     return {"best": round(max(rates), 1), "median": round(statistics.median(rates), 1)}
 
 
@@ -132,7 +139,9 @@ def job_ceiling(job: str, matmuls: list[Matmul], min_seconds: float) -> dict[str
     rows, total = {}, sum(m.flops_per_token for m in matmuls if not m.int8)
     for mm in matmuls:
         names = ("int8",) if mm.int8 else NATIVE
-        rows[mm.name] = {"shape": f"{mm.m}x{mm.k} @ {mm.k}x{mm.n}", "a_t": mm.a_t, "b_t": mm.b_t,
+        shape = f"{mm.m}x{mm.k} @ {mm.k}x{mm.n}" + (f" (bf16: {mm.m}x{mm.k_bf16} @ {mm.k_bf16}x{mm.n})"
+                                                      if mm.k_bf16 and "bf16" in names else "")
+        rows[mm.name] = {"shape": shape, "a_t": mm.a_t, "b_t": mm.b_t,
                          "gflop_per_token": round(mm.flops_per_token / 1e9, 6),
                          **{p: gflops(mm, torch.int8 if p == "int8" else PRECISIONS[p], min_seconds)
                             for p in names}}
@@ -162,7 +171,7 @@ def ceiling(vocab: int, min_seconds: float = 0.25, emb: int = 300, hidden: int =
     """The three jobs' ceilings at the notebook's model size (bench.py's train, eval and gen);
     each timing fills min_seconds."""
     jobs = {"train": train_matmuls(vocab, emb, hidden, streams, seq, chunk),
-            "eval": eval_matmuls(vocab, emb, hidden, eval_reviews, seq, chunk),
+            "eval": eval_matmuls(vocab, emb, hidden, eval_reviews, seq),
             "gen": gen_matmuls(vocab, emb, hidden, gen_rows, int8_rows)}
     return {"threads": torch.get_num_threads(), "torch": torch.__version__, "vocab": vocab,
             "min_seconds": min_seconds,
