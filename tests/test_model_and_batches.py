@@ -203,7 +203,7 @@ def test_each_matmul_of_the_fused_loss_in_its_own_precision_stays_close_to_fp32(
 @pytest.mark.parametrize("group_rows", [128, 384, 512, 4096])
 def test_a_bf16_weight_gradient_over_groups_of_chunks_counts_every_row_once(monkeypatch, group_rows):
     """bf16's weight gradient sums the softmax gradients of several chunks in one matmul
-    (loss.GRAD_W_ROWS): 1,100 rows in 128-row chunks make groups of 3, 4 or all 9 chunks, the
+    (loss.GRAD_W_ROWS): 1,100 rows in 128-row chunks make groups of 1, 3, 4 or all 9 chunks, the
     last one short (76 rows, padded to 80). A row left out or counted twice would move the
     weight gradient far more than bf16's rounding does."""
     import lmcore.loss as loss_mod
