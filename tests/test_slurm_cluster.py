@@ -113,7 +113,7 @@ def test_requeue_cap_ends_the_job_with_a_clear_error(slurm, submitted, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("LMCORE_SLURM_SLOW") != "1", reason="200 s; LMCORE_SLURM_SLOW=1 runs it")
+@pytest.mark.skipif(os.environ.get("LMCORE_SLURM_SLOW") != "1", reason="~4 min; LMCORE_SLURM_SLOW=1 runs it")
 def test_real_time_limit_signal_checkpoints_requeues_and_stops_at_the_cap(slurm, submitted, tmp_path):
     """SLURM's own warning before a 2-minute time limit (not a test signal): checkpoint,
     requeue, resume; the second time it hits the cap (max_requeues=1) and says so. (With a
