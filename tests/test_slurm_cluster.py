@@ -227,7 +227,8 @@ def test_pipeline_train_eval_generation_array_merge_equals_one_process(slurm, su
 
     merge_log = Path(jobs[3]["stderr"])
     wait_until(lambda: _job_state(ids[3]) in ENDED, 3 * WAIT_S, "the pipeline to finish", merge_log)
-    assert [_job_state(i) for i in (ids[0], ids[1], ids[3])] == ["COMPLETED"] * 3
+    states = [_job_state(i) for i in (ids[0], ids[1], ids[3])]
+    assert states == ["COMPLETED"] * 3, f"{states}\n{_stderr_tails(jobs)}"
     assert json.loads((run / "checkpoints/step_00000030/eval_test.json").read_text())["world_size"] == 2
     array = tmp_path / "array"
     assert len(list((array / "chunks").glob("chunk-*.jsonl"))) == 6  # 24 prompts / 4 per chunk
@@ -239,6 +240,15 @@ def test_pipeline_train_eval_generation_array_merge_equals_one_process(slurm, su
     merge_outputs(one)
     merged = (array / MERGED_FILE).read_bytes()
     assert merged and merged == (tmp_path / "one" / MERGED_FILE).read_bytes()
+
+
+def _stderr_tails(jobs: list[dict]) -> str:
+    """Each submitted job's stderr, its last lines: what a failed stage said."""
+    out = []
+    for j in jobs:
+        for path in sorted(Path(j["stderr"]).parent.glob(f"{j['job_id']}_*.err")):  # every rank and task
+            out.append(f"== {j['kind']}: {path.name}\n{path.read_text(errors='replace')[-1500:]}")
+    return "\n".join(out)
 
 
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
