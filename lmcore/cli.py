@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
 
 from lmcore import __version__
-from lmcore.errors import LmcoreError
+from lmcore.errors import LmcoreError, PeerLostError
 from lmcore.overrides import OverrideSyntaxError, add_point_arguments, normalize, unknown_argument
 
 # Each command imports what it needs when it runs, so that `lmcore --help`, completion and
@@ -315,6 +316,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     except LmcoreError as e:
         print(f"lmcore: error: {e}", file=sys.stderr)
         code = 2
+        if isinstance(e, PeerLostError):
+            # gloo's threads still wait on the gone rank: the interpreter's teardown destroys them
+            # and C++ aborts the process (exit -6 for 2, a clean-clone CI of 2026-12-06). What
+            # matters is written; leave without the teardown.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
     except KeyboardInterrupt:
         print("lmcore: interrupted", file=sys.stderr)
         code = 130

@@ -11,6 +11,11 @@ class ConfigError(LmcoreError):
     pass
 
 
+class PeerLostError(LmcoreError):
+    """A collective failed or timed out: another rank is gone, and this process's process group
+    still holds threads blocked on it."""
+
+
 class DataError(LmcoreError):
     pass
 

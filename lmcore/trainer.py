@@ -232,6 +232,7 @@ class Trainer:
             failure = self._step_failure(e)
             if failure is None:
                 raise
+            self.tracker.finish(exit_code=1)  # before the CLI's exit (a lost peer's skips atexit)
             raise failure from None
         self.bar.close()
         # the end: validate (unless stopped, or early stopping just did), then save, so that the last

@@ -12,7 +12,7 @@ import torch
 
 from lmcore.config import Config
 from lmcore.deps import require
-from lmcore.errors import LmcoreError, first_line
+from lmcore.errors import PeerLostError, first_line
 from lmcore.runtime.precision import auto_precision, require_supported
 from lmcore.slurm.env import nodes_down
 
@@ -112,7 +112,7 @@ def out_of_memory(error: BaseException) -> str | None:
     return f"{asked.group(1)} for one tensor"
 
 
-def lost_contact(rank: int, hosts: list[str] | None, error: BaseException, kept: str) -> LmcoreError:
+def lost_contact(rank: int, hosts: list[str] | None, error: BaseException, kept: str) -> PeerLostError:
     """One line for a collective that failed or timed out: what the transport said, where the
     other ranks ran (and which of those nodes SLURM reports down), what is kept, what to do."""
     me = hosts[rank] if hosts else socket.gethostname()
@@ -121,7 +121,7 @@ def lost_contact(rank: int, hosts: list[str] | None, error: BaseException, kept:
     where = f"node(s) {', '.join(down)} are down" if down else f"the other ranks ran on {', '.join(others)}"
     # gloo prefixes its source position and appends advice; keep the sentence in between
     said = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error)).split(". ")[0]
-    return LmcoreError(f"rank {rank} on {me} lost contact with the other ranks ({said}); {where}; {kept}: "
+    return PeerLostError(f"rank {rank} on {me} lost contact with the other ranks ({said}); {where}; {kept}: "
                        "submit the job again (on healthy nodes: sbatch --exclude=NODE) to resume")
 
 
