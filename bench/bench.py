@@ -214,7 +214,7 @@ def write_results(bench: Bench, load: dict, seconds: float) -> Path:
     r["noisy_children"] = {c["name"]: c["other_cpu_cores"] for c in r.get("children", [])
                            if (c["other_cpu_cores"] or 0) > NOISY_CORES}
     peak = r["sections"].get("peak") or {}
-    r["torch"] = peak.get("torch", "?")
+    r["torch"] = peak.get("torch") or (r.get("setup") or {}).get("torch", "?")  # (--only without peak)
     r["threads_used"] = peak.get("threads", args.threads or os.cpu_count())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

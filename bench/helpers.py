@@ -80,7 +80,7 @@ def setup(data: str) -> dict[str, Any]:
             "tokenizer_s": round(tok_s, 2), "encode_train_s": round(train_s, 2),
             "encode_test_s": round(test_s, 2), "vocab": len(tok),
             "native": {p: cpu_supports(p) for p in ("bf16", "fp16")}, "vnni": cpu_has_vnni(),
-            "cpu": torch.backends.cpu.get_cpu_capability(),
+            "cpu": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
             "val_reviews": len(val), "val_targets": targets}
 
 
