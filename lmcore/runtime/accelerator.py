@@ -122,7 +122,7 @@ def lost_contact(rank: int, hosts: list[str] | None, error: BaseException, kept:
     # gloo prefixes its source position and appends advice; keep the sentence in between
     said = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error)).split(". ")[0]
     return PeerLostError(f"rank {rank} on {me} lost contact with the other ranks ({said}); {where}; {kept}: "
-                       "submit the job again (on healthy nodes: sbatch --exclude=NODE) to resume")
+                         "submit the job again (on healthy nodes: sbatch --exclude=NODE) to resume")
 
 
 def all_sum(accelerator, values: list[float]) -> list[float]:
