@@ -163,20 +163,27 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None
 
 
-def softmax_lse_(x: torch.Tensor) -> torch.Tensor:
-    """Each row of x (fp32) turned into its softmax, in place; returns the rows' log-sum-exp
-    (R, 1). ATen's softmax kernel takes one pass for the max and one fused pass for the
-    exponentials, their sum and the division, with a faster exp than torch.exp's: measured on
-    the AMD EPYC of 2026-12-07 (2 threads), 128 x 40,135 rows: 2.5 ms against 5.0 for amax, sub,
-    exp, sum and div as separate passes; its relative error, 1e-5 at most, is beside fp32's
-    sums. The log-sum-exp comes back from the row's largest probability, exp(0) / sum, which is
-    at least 1 / columns and so never underflows, as the target's can."""
+def softmax_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of x (fp32) turned into its softmax, in place; returns the rows' max and their
+    largest probability, exp(0) / sum(exp(x - max)) (both (R, 1)). ATen's softmax kernel takes
+    one pass for the max and one fused pass for the exponentials, their sum and the division,
+    with a faster exp than torch.exp's: measured on the AMD EPYC of 2026-12-07 (2 threads), 128 x
+    40,135 rows: 2.5 ms against 5.0 for amax, sub, exp, sum and div as separate passes. Its
+    relative error, up to 3e-5, is beside fp32's sums. Every row is its own: no row's result
+    depends on the others, or on how many there are."""
     row_max = x.amax(dim=1, keepdim=True)
     if x.device.type == "cpu":  # in place (checked equal to out-of-place on this kernel)
         torch.ops.aten._softmax.out(x, 1, False, out=x)
     else:
         x.copy_(torch.softmax(x, dim=1))
-    return row_max - x.amax(dim=1, keepdim=True).log()
+    return row_max, x.amax(dim=1, keepdim=True)
+
+
+def softmax_lse_(x: torch.Tensor) -> torch.Tensor:
+    """softmax_(x), returning the rows' log-sum-exp (R, 1): from the largest probability,
+    which is at least 1 / columns and so never underflows, as the target's can."""
+    row_max, peak = softmax_(x)
+    return row_max - peak.log()
 
 
 def _last_chunk_pad(n: int, chunk: int, dtypes: Dtypes) -> int:
