@@ -30,9 +30,10 @@ TOP_P_CANDIDATES = (64, 1024)  # nucleus search: these many top tokens first, th
 # below -88 and 38 ms for -inf; a trained model at temperature 0.3 puts ~2% of the vocabulary
 # there, banned words and padding columns are -inf always. So sampling's exponentials take
 # max(x, EXP_FLOOR) (exp(-87) = 1.6e-38, a normal float), and the CDF search never stops below
-# CDF_FLOOR: all 40k words at the floor add up to 7e-34, so no floored word can be drawn, and a
-# chunk's mass (its largest term is 1) keeps its bits. What moves: a word whose probability is
-# below 1e-30 of its chunk's peak is no longer drawn when the uniform falls within 1e-30 of it.
+# CDF_FLOOR: all 40k words at the floor add up to 7e-34, so no floored word can be drawn. What
+# moves: a word whose probability is below 1e-30 of its chunk's peak is no longer drawn when the
+# uniform falls within 1e-30 of it. (The chunks' masses come from the softmax kernel, whose exp
+# has no such slow path: 128 x 2,048 with most inputs below -88, 192 us against 149 us.)
 EXP_FLOOR = -87.0
 CDF_FLOOR = 1e-30
 
