@@ -169,7 +169,7 @@ def softmax_(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     one pass for the max and one fused pass for the exponentials, their sum and the division,
     with a faster exp than torch.exp's: measured on the AMD EPYC of 2026-12-07 (2 threads), 128 x
     40,135 rows: 2.5 ms against 5.0 for amax, sub, exp, sum and div as separate passes. Its
-    relative error, up to 3e-5, is beside fp32's sums. Every row is its own: no row's result
+    relative error, about 1e-5 against float64, is beside fp32's sums. Every row is its own: no row's result
     depends on the others, or on how many there are."""
     row_max = x.amax(dim=1, keepdim=True)
     if x.device.type == "cpu":  # in place (checked equal to out-of-place on this kernel)
