@@ -70,6 +70,25 @@ def test_inverse_cdf_gives_the_right_distribution(params):
     assert np.abs(counts - n * p).max() <= 3
 
 
+
+def test_a_chunk_whose_words_are_all_banned_is_never_drawn():
+    """A whole sampling chunk at -inf has no mass (not nan): its words are never drawn, and the
+    others keep the textbook distribution."""
+    torch.manual_seed(2)
+    vocab = 3 * CHUNK + 77
+    width, _ = chunk_layout(vocab)
+    banned = [*BANNED, *range(width, 2 * width)]
+    logits = torch.randn(vocab) * 3
+    n = 6000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    picks = draw(logits.expand(n, vocab), u, SamplingParams(1.0), banned)
+    counts = np.bincount(picks.numpy(), minlength=vocab)
+    x = logits.double().clone()
+    x[banned] = float("-inf")
+    p = torch.softmax(x, 0).numpy()
+    assert counts[banned].sum() == 0
+    assert np.abs(counts - n * p).max() <= 3
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([[0.0001, 0.0001, 0.0001, 0.0001, 0.5, 0.3, 0.2]]))
     picks = {int(draw(logits.clone(), torch.tensor([u]), SamplingParams(1.0, top_p=0.75), [0, 1, 2]))
