@@ -39,7 +39,14 @@ import torch.nn.functional as F
 
 from lmcore.data.tokenizer import WordTokenizer
 from lmcore.errors import ConfigError
-from lmcore.gen.sampling import SamplingParams, chunk_layout, chunk_mass, pick_tokens, sample_by_chunks
+from lmcore.gen.sampling import (
+    SamplingParams,
+    chunk_layout,
+    chunk_mass,
+    chunk_sums,
+    pick_tokens,
+    sample_by_chunks,
+)
 from lmcore.model import LSTMLM
 from lmcore.runtime.precision import cpu_has_vnni, require_supported
 
@@ -249,7 +256,7 @@ class Decoder:
             torch.mm(feat.to(self.mm_dtype), self.head_w.t(), out=raw)
         mult = self.head_mult if self.int8 else None
         cmax = torch.empty(rows, n, device=self.device)
-        csum = torch.empty(rows, n, device=self.device)
+        peak = torch.empty(rows, n, device=self.device)
         buf = torch.empty(min(MASS_ROWS, rows), w, device=self.device)
         for lo in range(0, rows, MASS_ROWS):
             hi = min(lo + MASS_ROWS, rows)
@@ -258,7 +265,8 @@ class Decoder:
                 cols = slice(c * w, (c + 1) * w)
                 self._float_logits(raw[lo:hi, cols], self.head_b[cols], None if mult is None else mult[cols],
                                    scratch)
-                chunk_mass(scratch, scratch, cmax[lo:hi, c : c + 1], csum[lo:hi, c])
+                chunk_mass(scratch, scratch, cmax[lo:hi, c : c + 1], peak[lo:hi, c : c + 1])
+        csum = chunk_sums(cmax, peak)
         live = torch.arange(m, device=self.device)
 
         def chunk_logits(chunk: torch.Tensor) -> torch.Tensor:  # each row's chosen chunk again

@@ -123,24 +123,31 @@ def _chunk_masses(logits: torch.Tensor, width: int) -> tuple[torch.Tensor, torch
     m, vp = logits.shape
     n = vp // width
     cmax = torch.empty(m, n, dtype=logits.dtype, device=logits.device)
-    csum = torch.empty_like(cmax)
+    peak = torch.empty_like(cmax)
     buf = torch.empty(m, width, dtype=logits.dtype, device=logits.device)
     for c in range(n):
-        chunk_mass(logits[:, c * width:(c + 1) * width], buf, cmax[:, c:c + 1], csum[:, c])
-    return cmax, csum
+        chunk_mass(logits[:, c * width:(c + 1) * width], buf, cmax[:, c:c + 1], peak[:, c:c + 1])
+    return cmax, chunk_sums(cmax, peak)
 
 
-def chunk_mass(part: torch.Tensor, buf: torch.Tensor, cmax: torch.Tensor, csum: torch.Tensor) -> None:
-    """cmax (M, 1) = the chunk's max logit per row, csum (M,) = sum of exp(logit - max);
-    buf (M, width) is scratch (part may be buf itself). The sum comes from ATen's softmax
-    kernel (softmax_): measured on the AMD EPYC of 2026-12-07 (2 threads, 128 x 2,048), 133-192
-    us against 169-217 for amax, sub, exp and sum as separate passes."""
+def chunk_mass(part: torch.Tensor, buf: torch.Tensor, cmax: torch.Tensor, peak: torch.Tensor) -> None:
+    """cmax (M, 1) = the chunk's max logit per row, peak (M, 1) = its largest probability, from
+    which chunk_sums makes the sum of exp(logit - max), for all chunks at once; buf (M, width)
+    is scratch (part may be buf itself). From ATen's softmax kernel (softmax_): measured on the
+    AMD EPYC of 2026-12-07 (2 threads, 128 x 2,048), 133-192 us against 169-217 for amax, sub,
+    exp and sum as separate passes."""
     if part.data_ptr() != buf.data_ptr():
         buf.copy_(part)
-    mx, peak = softmax_(buf)
-    torch.reciprocal(peak.squeeze(1), out=csum)
-    csum.masked_fill_(mx.squeeze(1) == float("-inf"), 0.0)  # an all -inf chunk: nan -> 0
-    cmax.copy_(mx.clamp_min_(torch.finfo(part.dtype).min))
+    softmax_(buf, cmax, peak)
+
+
+def chunk_sums(cmax: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    """The chunks' sums of exp(logit - max) from chunk_mass's (M, chunks) results, in place:
+    1 / peak, and 0 for a chunk whose logits are all -inf (its softmax is nan), whose max
+    becomes the lowest float (so that exp(max - the row's max) is 0, not nan)."""
+    dead = cmax == float("-inf")
+    cmax.clamp_min_(torch.finfo(cmax.dtype).min)
+    return peak.reciprocal_().masked_fill_(dead, 0.0)
 
 
 def pick_tokens(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams, width: int) -> torch.Tensor:
