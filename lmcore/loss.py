@@ -167,12 +167,12 @@ def softmax_(x: torch.Tensor, row_max: torch.Tensor | None = None, peak: torch.T
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row of x (fp32) turned into its softmax, in place; returns the rows' max and their
     largest probability, exp(0) / sum(exp(x - max)) (both (R, 1); written into row_max and peak
-    where given). ATen's softmax kernel takes
-    one pass for the max and one fused pass for the exponentials, their sum and the division,
-    with a faster exp than torch.exp's: measured on the AMD EPYC of 2026-12-07 (2 threads), 128 x
-    40,135 rows: 2.5 ms against 5.0 for amax, sub, exp, sum and div as separate passes. Its
-    relative error, about 1e-5 against float64, is beside fp32's sums. Every row is its own: no row's result
-    depends on the others, or on how many there are."""
+    where given). ATen's softmax kernel takes one pass for the max and one fused pass for the
+    exponentials, their sum and the division, with a faster exp than torch.exp's: measured on the
+    AMD EPYC of 2026-12-07 (2 threads), 128 x 40,135 rows: 2.5 ms against 5.0 for amax, sub, exp,
+    sum and div as separate passes. Its relative error, about 1e-5 against float64, is beside
+    fp32's sums. Every row is its own: no row's result depends on the others, or on how many
+    there are."""
     row_max = torch.amax(x, dim=1, keepdim=True, out=row_max)
     if x.device.type == "cpu":  # in place (checked equal to out-of-place on this kernel)
         torch.ops.aten._softmax.out(x, 1, False, out=x)

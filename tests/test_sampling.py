@@ -70,7 +70,6 @@ def test_inverse_cdf_gives_the_right_distribution(params):
     assert np.abs(counts - n * p).max() <= 3
 
 
-
 def test_a_chunk_whose_words_are_all_banned_is_never_drawn():
     """A whole sampling chunk at -inf has no mass (not nan): its words are never drawn, and the
     others keep the textbook distribution."""
@@ -88,6 +87,7 @@ def test_a_chunk_whose_words_are_all_banned_is_never_drawn():
     p = torch.softmax(x, 0).numpy()
     assert counts[banned].sum() == 0
     assert np.abs(counts - n * p).max() <= 3
+
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([[0.0001, 0.0001, 0.0001, 0.0001, 0.5, 0.3, 0.2]]))
