@@ -143,7 +143,7 @@ def step_profile(model, tok, rows: int, precision: str, reps: int = 5) -> dict:
     with torch.inference_mode():
         logits = dec._logits(h[-1])
         parts = {"output_matmul_ms": best(lambda: dec._logits(h[-1])),
-                 "sampling_ms": best(lambda: pick_tokens(logits, u, dec.params, dec.width)),
+                 "sampling_ms": best(lambda: pick_tokens(logits, u, dec.params, dec.width, dec.refs)),
                  "lstm_step_ms": best(lambda: dec._step(toks, h, c))}
         if dec.fused:  # what the job runs for bf16 and int8 plain sampling: the two above in one pass
             parts["fused_logits_and_sampling_ms"] = best(lambda: dec._fused_sample(h[-1], rows, u))

@@ -221,45 +221,84 @@ def _fold_bias(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 def forward_only(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                  chunk: int, dtype: torch.dtype | None) -> torch.Tensor:
     """The summed cross-entropy without gradients (eval, validation): per chunk of rows, the
-    logits COLS columns at a time, each block reduced to its rows' log-sum-exp (softmax_lse_) and
-    the target's logit picked out; a row's blocks are then combined. Without gradients to keep,
-    a chunk can have many more rows than training's (each weight block then serves more rows)
-    while the logits buffer stays at one block (8 MB at 1024 x 2048). Measured on the AMX VM
-    (2 threads, 64 x 256 positions of the notebook's model, median of 6, 2026-12-02): fp32 7,269
-    -> 8,279 tokens/s and bf16 12,484 -> 15,228 against the training path (128-row chunks of all
-    40,135 columns); 128-row chunks in blocks were slower (6,228 and 8,389). dtype: the matmul's
-    precision (None: fp32, the bias folded in); the logits, exponentials and sums are fp32."""
-    fold = bias is not None and dtype is None and h.dtype == weight.dtype == bias.dtype
-    w, h_in = _fold_bias(h, weight, bias, fold)
-    w, h_in = w.to(dtype or F32), h_in.to(dtype or F32)
-    b = None if fold or bias is None else bias.float()
+    logits COLS columns at a time, each block reduced to its rows' log-sum-exp (lse_) and
+    then a row's blocks combined; the target's logit is one dot product per row. Without
+    gradients to keep, a chunk can have many more rows than training's (each weight block then
+    serves more rows) while the logits buffer stays at one block (8 MB at 1024 x 2048). Measured
+    on the AMX VM (2 threads, 64 x 256 positions of the notebook's model, median of 6,
+    2026-12-02): fp32 7,269 -> 8,279 tokens/s and bf16 12,484 -> 15,228 against the training
+    path (128-row chunks of all 40,135 columns); 128-row chunks in blocks were slower (6,228 and
+    8,389). dtype: the matmul's precision (None: fp32); the bias rides in it (_fold_bias_split),
+    and the logits, exponentials and sums are fp32."""
+    w, h_in = _fold_bias_split(h, weight, bias, dtype)
     vocab, rows_max = w.shape[0], min(chunk, h.shape[0])
+    refs = [0] * -(-vocab // COLS) if bias is None else ref_columns(bias, COLS)
     if len(targets) and not 0 <= int(targets.min()) <= int(targets.max()) < vocab:  # as gather would say
         raise IndexError(f"linear_cross_entropy: a target outside [0, {vocab})")
     space = torch.empty(rows_max * min(COLS, vocab), dtype=F32, device=h.device)
     space_lo = None if dtype is None else torch.empty(space.shape, dtype=dtype, device=h.device)
     total = torch.zeros((), dtype=F32, device=h.device)
     for lo in range(0, h.shape[0], chunk):
-        hc, t = h_in[lo : lo + chunk], targets[lo : lo + chunk]
+        hc = h_in[lo : lo + chunk]
         r = hc.shape[0]
+        # the target's logit from the matmul's own operands, in fp32: r dot products, not a
+        # gather and a where in every block
+        picked = (hc.float() * w.index_select(0, targets[lo : lo + r]).float()).sum(1)
         block_lse = torch.empty(r, -(-vocab // COLS), dtype=F32, device=h.device)
-        picked = torch.zeros(r, dtype=F32, device=h.device)
         for j, c0 in enumerate(range(0, vocab, COLS)):
             c1 = min(c0 + COLS, vocab)
             block = space[: r * (c1 - c0)].view(r, c1 - c0)  # contiguous at every width
             if space_lo is None:
                 torch.mm(hc, w[c0:c1].t(), out=block)
             else:
-                raw = torch.mm(hc, w[c0:c1].t(), out=space_lo[: r * (c1 - c0)].view(r, c1 - c0))
-                _to_f32(raw, None if b is None else b[c0:c1], block)
-            if b is not None and space_lo is None:
-                block += b[c0:c1]
-            here = (t >= c0) & (t < c1)
-            at = block.gather(1, (t - c0).clamp(0, c1 - c0 - 1).unsqueeze(1)).squeeze(1)
-            picked = torch.where(here, at, picked)
-            block_lse[:, j : j + 1] = softmax_lse_(block)
+                block.copy_(torch.mm(hc, w[c0:c1].t(), out=space_lo[: r * (c1 - c0)].view(r, c1 - c0)))
+            lse_(block, block_lse[:, j], refs[j])
         total += (torch.logsumexp(block_lse, dim=1) - picked).sum()
     return total
+
+
+def lse_(x: torch.Tensor, out: torch.Tensor, col: int = 0) -> torch.Tensor:
+    """Each row's log-sum-exp of x (fp32) into out, x left as its log-softmax: ATen's log-softmax
+    kernel in place (a pass for the max, one for the sum of exponentials, one writing x - max -
+    log(sum); the same bits as out of place, checked), then lse = x[:, col] - log_softmax[:, col].
+    No exponential is taken there, so nothing underflows; the subtraction is exact to a few ulps
+    of |x[:, col] - lse|, least where column col holds a large logit (ref_columns), and x[:, col]
+    must be finite. Two passes fewer than softmax_lse_ (its two maxes), and the kernel itself is
+    faster: on the AMD EPYC of 2026-12-07 (2 threads, 1,024 x 2,048) 0.54 ms against softmax's
+    0.59, and each max 0.05."""
+    out.copy_(x[:, col])
+    if x.device.type == "cpu":
+        torch.ops.aten._log_softmax.out(x, 1, False, out=x)
+    else:
+        x.copy_(torch.log_softmax(x, dim=1))
+    return out.sub_(x[:, col])
+
+
+def ref_columns(bias: torch.Tensor, width: int) -> list[int]:
+    """For lse_: per block of `width` columns, the column of its largest bias, a logit near the
+    block's top, so that lse_'s subtraction loses the least."""
+    return [int(bias[c0 : c0 + width].argmax()) for c0 in range(0, len(bias), width)]
+
+
+def _fold_bias_split(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, h) in the matmul's dtype (None: fp32) with the bias folded in as _fold_bias does,
+    each written in one pass. In bf16 or fp16 the bias rides as two columns, its rounding and
+    what that rounding left, so that the matmul's fp32 sum sees it to ~16 bits and not 8: the
+    logits then carry only the rounding of the matmul's output, as with the bias added after it
+    (and that pass over the logits is gone: 2.1% of a bf16 eval's time in its profile)."""
+    d, k = dtype or F32, h.shape[1]
+    extra = 0 if bias is None else 1 if d == F32 else 2
+    w = torch.empty(weight.shape[0], k + extra, dtype=d, device=weight.device)
+    h_in = torch.empty(h.shape[0], k + extra, dtype=d, device=h.device)
+    w[:, :k].copy_(weight)
+    h_in[:, :k].copy_(h)
+    if extra:
+        w[:, k].copy_(bias)
+        h_in[:, k:] = 1.0
+    if extra == 2:
+        w[:, k + 1].copy_(bias.float() - w[:, k].float())
+    return w, h_in
 
 
 def adaptive_cross_entropy(m: torch.nn.AdaptiveLogSoftmaxWithLoss, h: torch.Tensor, targets: torch.Tensor

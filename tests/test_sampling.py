@@ -9,7 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmcore.gen.sampling import CHUNK, SamplingParams, chunk_layout, pick_tokens, row_key, row_uniforms
+from lmcore.gen.sampling import (
+    CHUNK,
+    ChunkRefs,
+    SamplingParams,
+    chunk_layout,
+    pick_tokens,
+    row_key,
+    row_uniforms,
+)
 
 BANNED = [0, 1, 2]  # <unk>, <pad>, <bos>: never drawn
 
@@ -23,7 +31,7 @@ def draw(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams, banned: 
         logits /= params.temperature
     width, n = chunk_layout(logits.shape[1])
     logits = F.pad(logits, (0, n * width - logits.shape[1]), value=float("-inf"))
-    return pick_tokens(logits, u, params, width)
+    return pick_tokens(logits, u, params, width, ChunkRefs.of(logits[0], width))
 
 
 def _reference_probs(logits: torch.Tensor, params: SamplingParams) -> np.ndarray:

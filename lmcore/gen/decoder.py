@@ -39,14 +39,8 @@ import torch.nn.functional as F
 
 from lmcore.data.tokenizer import WordTokenizer
 from lmcore.errors import ConfigError
-from lmcore.gen.sampling import (
-    SamplingParams,
-    chunk_layout,
-    chunk_mass,
-    chunk_sums,
-    pick_tokens,
-    sample_by_chunks,
-)
+from lmcore.gen.sampling import ChunkRefs, SamplingParams, chunk_layout, pick_tokens, sample_by_chunks
+from lmcore.loss import lse_
 from lmcore.model import LSTMLM
 from lmcore.runtime.precision import cpu_has_vnni, require_supported
 
@@ -130,7 +124,11 @@ class Decoder:
             self.adaptive = model.adaptive
             if self.adaptive is not None:  # adaptive softmax: its exact log-probabilities
                 self.vocab = model.vocab_size
-                self.width, _ = chunk_layout(self.vocab)
+                self.width, n = chunk_layout(self.vocab)
+                pattern = torch.zeros(n * self.width)  # where the log-probabilities are -inf
+                pattern[self.banned] = float("-inf")
+                pattern[self.vocab :] = float("-inf")
+                self.refs = ChunkRefs.of(pattern, self.width)
                 return
             w = model.head.weight.detach().to(dev, f32).clone()
             b = model.head.bias.detach().to(dev, f32).clone()
@@ -146,6 +144,7 @@ class Decoder:
                 b = torch.cat([b, b.new_full((extra,), float("-inf"))])
             self.head_w = w.to(self.mm_dtype)
             self.head_b = b  # added in float32
+            self.refs = ChunkRefs.of(b, self.width)
             if self.int8:
                 scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127  # per vocabulary row
                 self.head_q = torch.round(w / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
@@ -238,7 +237,7 @@ class Decoder:
     def _fused_sample(self, h_top: torch.Tensor, m: int, u: torch.Tensor) -> torch.Tensor:
         """Plain sampling without writing the float logits out: the output matmul's own result
         (int32 for int8, bfloat16 for bf16) is turned into float logits chunk by chunk, in a
-        buffer that stays in cache, and reduced there to each chunk's max and mass; afterwards
+        buffer that stays in cache, and reduced there to each chunk's log-sum-exp (lse_); afterwards
         only each row's chosen chunk is made again. The same numbers as _logits + pick_tokens
         (the same elementwise operations on the same values), two passes over 40 MB fewer."""
         feat = h_top if self.proj is None else self._mm(h_top, self.proj)
@@ -255,25 +254,25 @@ class Decoder:
         else:  # all rows in one matmul, as _logits does: the same bits
             torch.mm(feat.to(self.mm_dtype), self.head_w.t(), out=raw)
         mult = self.head_mult if self.int8 else None
-        cmax = torch.empty(rows, n, device=self.device)
-        peak = torch.empty(rows, n, device=self.device)
+        lse = torch.full((rows, n), torch.finfo(torch.float32).min, device=self.device)  # as chunk_lse
         buf = torch.empty(min(MASS_ROWS, rows), w, device=self.device)
         for lo in range(0, rows, MASS_ROWS):
             hi = min(lo + MASS_ROWS, rows)
             scratch = buf[: hi - lo]
-            for c in range(n):
+            for c, ref in enumerate(self.refs.cols):
+                if ref is None:
+                    continue
                 cols = slice(c * w, (c + 1) * w)
                 self._float_logits(raw[lo:hi, cols], self.head_b[cols], None if mult is None else mult[cols],
                                    scratch)
-                chunk_mass(scratch, scratch, cmax[lo:hi, c : c + 1], peak[lo:hi, c : c + 1])
-        csum = chunk_sums(cmax, peak)
+                lse_(scratch, lse[lo:hi, c], ref)
         live = torch.arange(m, device=self.device)
 
         def chunk_logits(chunk: torch.Tensor) -> torch.Tensor:  # each row's chosen chunk again
             return self._float_logits(raw[:m].view(m, n, w)[live, chunk], self.head_b.view(n, w)[chunk],
                                       None if mult is None else mult.view(n, w)[chunk])
 
-        return sample_by_chunks(cmax[:m], csum[:m], u.to(torch.float32), chunk_logits, w)
+        return sample_by_chunks(lse[:m], u.to(torch.float32), chunk_logits, w)
 
     @staticmethod
     def _float_logits(raw: torch.Tensor, bias: torch.Tensor, mult: torch.Tensor | None,
@@ -345,7 +344,8 @@ class Decoder:
             if self.fused:
                 nxt = self._fused_sample(hs[-1], m, u_all[alive, t])
             else:
-                nxt = pick_tokens(self._logits(hs[-1])[:m], u_all[alive, t], self.params, self.width)
+                logits = self._logits(hs[-1])[:m]
+                nxt = pick_tokens(logits, u_all[alive, t], self.params, self.width, self.refs)
             out[alive, t] = nxt
             stop = nxt == self.eos
             if bool(stop.any()):

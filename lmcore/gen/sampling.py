@@ -1,13 +1,13 @@
 """Sampling: the per-row random streams and the draw of one token per row from logits.
 
-Plain sampling is inverse-CDF in two levels: per row, the mass of each vocabulary chunk
-(its max and its sum of exponentials, from the softmax kernel while the chunk is in cache),
-then a cumulative sum inside the one chunk the uniform falls in. No sort unless top-p needs
-one (and then first among the top 64, then 1024 candidates, sorting the whole row only for
-rows whose nucleus is larger); greedy and top-k=1 are an argmax. Every operation is
-row-local, so a row's token cannot depend on its batch. Each row draws from its own
-counter-based stream keyed by (seed, prompt id, sample index): splitmix64 in numpy, the same
-numbers on every machine and library version.
+Plain sampling is inverse-CDF in two levels: per row, the mass of each vocabulary chunk (its
+log-sum-exp, from the log-softmax kernel while the chunk is in cache), then a cumulative sum
+inside the one chunk the uniform falls in. No sort unless top-p needs one (and then first
+among the top 64, then 1024 candidates, sorting the whole row only for rows whose nucleus is
+larger); greedy and top-k=1 are an argmax. Every operation is row-local, so a row's token
+cannot depend on its batch. Each row draws from its own counter-based stream keyed by (seed,
+prompt id, sample index): splitmix64 in numpy, the same numbers on every machine and library
+version.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from lmcore.loss import softmax_
+from lmcore.loss import lse_
 
 CHUNK = 2048  # vocabulary columns per chunk of the sampling pass (in cache while used)
 TOP_P_CANDIDATES = (64, 1024)  # nucleus search: these many top tokens first, then a full sort
@@ -31,9 +31,9 @@ TOP_P_CANDIDATES = (64, 1024)  # nucleus search: these many top tokens first, th
 # there, banned words and padding columns are -inf always. So sampling's exponentials take
 # max(x, EXP_FLOOR) (exp(-87) = 1.6e-38, a normal float), and the CDF search never stops below
 # CDF_FLOOR: all 40k words at the floor add up to 7e-34, so no floored word can be drawn. What
-# moves: a word whose probability is below 1e-30 of its chunk's peak is no longer drawn when the
-# uniform falls within 1e-30 of it. (The chunks' masses come from the softmax kernel, whose exp
-# has no such slow path: 128 x 2,048 with most inputs below -88, 192 us against 149 us.)
+# moves: a word whose probability is below 1e-30 of its chunk's mass is no longer drawn when the
+# uniform falls within 1e-30 of it. (The chunks' masses come from the log-softmax kernel, whose
+# exp has no such slow path.)
 EXP_FLOOR = -87.0
 CDF_FLOOR = 1e-30
 
@@ -102,12 +102,12 @@ def _inverse_cdf(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target.clamp_min(CDF_FLOOR)).clamp_max(cdf.shape[1] - 1).squeeze(1)
 
 
-def _sample_sorted(vals: torch.Tensor, u: torch.Tensor, top_p: float, row_max: torch.Tensor | None = None,
+def _sample_sorted(vals: torch.Tensor, u: torch.Tensor, top_p: float, ref: torch.Tensor | None = None,
                    total: torch.Tensor | None = None) -> torch.Tensor:
     """Positions drawn from candidates sorted by logit, descending (M, K). total: the whole
-    row's mass relative to row_max (top-p alone: the nucleus is a share of every token);
-    None: the candidates are all there is (top-k)."""
-    ref = vals[:, :1] if row_max is None else row_max
+    row's mass relative to ref, a logit at least the row's largest (top-p alone: the nucleus is
+    a share of every token); None: the candidates are all there is (top-k)."""
+    ref = vals[:, :1] if ref is None else ref
     e = floored_exp_(vals - ref)
     if top_p < 1.0:
         cs = e.cumsum(dim=1)
@@ -118,41 +118,43 @@ def _sample_sorted(vals: torch.Tensor, u: torch.Tensor, top_p: float, row_max: t
     return _inverse_cdf(cs, u.unsqueeze(1) * cs[:, -1:])
 
 
-def _chunk_masses(logits: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row and chunk: the max logit and sum(exp(logit - that max))."""
-    m, vp = logits.shape
-    n = vp // width
-    cmax = torch.empty(m, n, dtype=logits.dtype, device=logits.device)
-    peak = torch.empty_like(cmax)
+@dataclass(frozen=True)
+class ChunkRefs:
+    """Per vocabulary chunk of the sampling pass, the column that lse_ takes its log-sum-exp
+    from: one whose logit is finite in every row, best a large one; None for a chunk that is
+    -inf throughout (banned words and padding only), which gets no mass. Fixed per decoder, so
+    that a row's numbers never depend on the other rows."""
+    cols: tuple[int | None, ...]
+
+    @classmethod
+    def of(cls, row: torch.Tensor, width: int) -> ChunkRefs:
+        """From a row whose -inf entries are those of every row of logits (the output layer's
+        bias, with banned words and padding at -inf): per chunk the column of its largest value."""
+        cols = []
+        for c0 in range(0, len(row), width):
+            part = row[c0 : c0 + width]
+            cols.append(int(part.argmax()) if bool((part > float("-inf")).any()) else None)
+        return cls(tuple(cols))
+
+
+def chunk_lse(logits: torch.Tensor, width: int, refs: ChunkRefs) -> torch.Tensor:
+    """(M, chunks): each row's log-sum-exp over each chunk of width columns of its logits (the
+    lowest float for a chunk with no mass, so that exp(it - anything) is 0, not nan)."""
+    m = logits.shape[0]
+    lse = torch.full((m, len(refs.cols)), torch.finfo(logits.dtype).min, dtype=logits.dtype,
+                     device=logits.device)
     buf = torch.empty(m, width, dtype=logits.dtype, device=logits.device)
-    for c in range(n):
-        chunk_mass(logits[:, c * width:(c + 1) * width], buf, cmax[:, c:c + 1], peak[:, c:c + 1])
-    return cmax, chunk_sums(cmax, peak)
+    for c, col in enumerate(refs.cols):
+        if col is not None:
+            lse_(buf.copy_(logits[:, c * width : (c + 1) * width]), lse[:, c], col)
+    return lse
 
 
-def chunk_mass(part: torch.Tensor, buf: torch.Tensor, cmax: torch.Tensor, peak: torch.Tensor) -> None:
-    """cmax (M, 1) = the chunk's max logit per row, peak (M, 1) = its largest probability, from
-    which chunk_sums makes the sum of exp(logit - max), for all chunks at once; buf (M, width)
-    is scratch (part may be buf itself). From ATen's softmax kernel (softmax_): measured on the
-    AMD EPYC of 2026-12-07 (2 threads, 128 x 2,048), 133-192 us against 169-217 for amax, sub,
-    exp and sum as separate passes."""
-    if part.data_ptr() != buf.data_ptr():
-        buf.copy_(part)
-    softmax_(buf, cmax, peak)
-
-
-def chunk_sums(cmax: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
-    """The chunks' sums of exp(logit - max) from chunk_mass's (M, chunks) results, in place:
-    1 / peak, and 0 for a chunk whose logits are all -inf (its softmax is nan), whose max
-    becomes the lowest float (so that exp(max - the row's max) is 0, not nan)."""
-    dead = cmax == float("-inf")
-    cmax.clamp_min_(torch.finfo(cmax.dtype).min)
-    return peak.reciprocal_().masked_fill_(dead, 0.0)
-
-
-def pick_tokens(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams, width: int) -> torch.Tensor:
+def pick_tokens(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams, width: int,
+                refs: ChunkRefs) -> torch.Tensor:
     """One token per row of (M, Vp) logits, already divided by the temperature, banned and
-    padding columns at -inf, Vp a multiple of width; u: (M,) uniforms in [0, 1)."""
+    padding columns at -inf, Vp a multiple of width; u: (M,) uniforms in [0, 1); refs: the
+    chunks' reference columns (ChunkRefs.of the pattern of -inf)."""
     if params.greedy:
         return logits.argmax(dim=1)
     u = u.to(device=logits.device, dtype=logits.dtype)
@@ -161,34 +163,32 @@ def pick_tokens(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams, w
         k = min(params.top_k, vp)
         vals, idx = torch.topk(logits, k, dim=1)
         return idx.gather(1, _sample_sorted(vals, u, params.top_p).unsqueeze(1)).squeeze(1)
-    cmax, csum = _chunk_masses(logits, width)
+    lse = chunk_lse(logits, width, refs)
     if params.top_p < 1.0:
-        gmax = cmax.amax(dim=1, keepdim=True)
-        total = (csum * torch.exp(cmax - gmax)).sum(dim=1, keepdim=True)
-        return _top_p(logits, u, params.top_p, gmax, total)
+        top = lse.amax(dim=1, keepdim=True)  # at least the row's largest logit
+        total = torch.exp(lse - top).sum(dim=1, keepdim=True)
+        return _top_p(logits, u, params.top_p, top, total)
     rows = torch.arange(m, device=logits.device)
-    return sample_by_chunks(cmax, csum, u, lambda chunk: logits.view(m, vp // width, width)[rows, chunk],
-                            width)
+    return sample_by_chunks(lse, u, lambda chunk: logits.view(m, vp // width, width)[rows, chunk], width)
 
 
-def sample_by_chunks(cmax: torch.Tensor, csum: torch.Tensor, u: torch.Tensor,
-                     chunk_logits: Callable[[torch.Tensor], torch.Tensor], width: int) -> torch.Tensor:
-    """Inverse CDF in two levels: the chunk from the per-chunk masses (M, chunks) (max logit,
-    sum of exp(logit - max)), then the word inside it; chunk_logits(chunk ids (M,)) gives
-    each row's chosen chunk (M, width). Only one chunk per row is looked at twice."""
-    gmax = cmax.amax(dim=1, keepdim=True)
-    mass = csum * torch.exp(cmax - gmax)  # (M, chunks), relative to the row's max
+def sample_by_chunks(lse: torch.Tensor, u: torch.Tensor, chunk_logits: Callable[[torch.Tensor], torch.Tensor],
+                     width: int) -> torch.Tensor:
+    """Inverse CDF in two levels: the chunk from the chunks' log-sum-exps (M, chunks), then the
+    word inside it; chunk_logits(chunk ids (M,)) gives each row's chosen chunk (M, width). Only
+    one chunk per row is looked at twice."""
+    mass = torch.exp(lse - lse.amax(dim=1, keepdim=True))  # (M, chunks), relative to the largest
     cum = mass.cumsum(dim=1)
     target = (u.unsqueeze(1) * cum[:, -1:]).clamp_min(CDF_FLOOR)
     chunk = _inverse_cdf(cum, target)
     col = chunk.unsqueeze(1)
     before = cum.gather(1, col) - mass.gather(1, col)
     frac = ((target - before) / mass.gather(1, col)).clamp_(0.0, 1.0)
-    cdf = floored_exp_(chunk_logits(chunk) - cmax.gather(1, col)).cumsum(dim=1)
+    cdf = floored_exp_(chunk_logits(chunk) - lse.gather(1, col)).cumsum(dim=1)
     return chunk * width + _inverse_cdf(cdf, frac * cdf[:, -1:])
 
 
-def _top_p(logits: torch.Tensor, u: torch.Tensor, top_p: float, gmax: torch.Tensor,
+def _top_p(logits: torch.Tensor, u: torch.Tensor, top_p: float, ref: torch.Tensor,
            total: torch.Tensor) -> torch.Tensor:
     """Nucleus sampling without sorting whole rows unless the nucleus is that large."""
     m, vp = logits.shape
@@ -198,13 +198,13 @@ def _top_p(logits: torch.Tensor, u: torch.Tensor, top_p: float, gmax: torch.Tens
         sub = logits if len(rows) == m else logits[rows]
         if k < vp:
             vals, idx = torch.topk(sub, k, dim=1)
-            mass = floored_exp_(vals - gmax[rows]).cumsum(dim=1)[:, -1]  # as _sample_sorted sums it
+            mass = floored_exp_(vals - ref[rows]).cumsum(dim=1)[:, -1]  # as _sample_sorted sums it
             covered = mass >= top_p * total[rows].squeeze(1)
         else:
             vals, idx = torch.sort(sub, dim=1, descending=True, stable=True)
             covered = torch.ones(len(rows), dtype=torch.bool, device=logits.device)
         if bool(covered.any()):
-            pos = _sample_sorted(vals[covered], u[rows][covered], top_p, gmax[rows][covered],
+            pos = _sample_sorted(vals[covered], u[rows][covered], top_p, ref[rows][covered],
                                  total[rows][covered])
             out[rows[covered]] = idx[covered].gather(1, pos.unsqueeze(1)).squeeze(1)
         rows = rows[~covered]
