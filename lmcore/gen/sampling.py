@@ -168,8 +168,9 @@ def pick_tokens(logits: torch.Tensor, u: torch.Tensor, params: SamplingParams, w
         top = lse.amax(dim=1, keepdim=True)  # at least the row's largest logit
         total = torch.exp(lse - top).sum(dim=1, keepdim=True)
         return _top_p(logits, u, params.top_p, top, total)
-    rows = torch.arange(m, device=logits.device)
-    return sample_by_chunks(lse, u, lambda chunk: logits.view(m, vp // width, width)[rows, chunk], width)
+    at = torch.arange(m, device=logits.device) * (vp // width)  # row r's chunk c: row at[r] + c
+    by_chunk = logits.reshape(-1, width)
+    return sample_by_chunks(lse, u, lambda chunk: by_chunk.index_select(0, at + chunk), width)
 
 
 def sample_by_chunks(lse: torch.Tensor, u: torch.Tensor, chunk_logits: Callable[[torch.Tensor], torch.Tensor],
