@@ -163,29 +163,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None
 
 
-def softmax_(x: torch.Tensor, row_max: torch.Tensor | None = None, peak: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row of x (fp32) turned into its softmax, in place; returns the rows' max and their
-    largest probability, exp(0) / sum(exp(x - max)) (both (R, 1); written into row_max and peak
-    where given). ATen's softmax kernel takes one pass for the max and one fused pass for the
-    exponentials, their sum and the division, with a faster exp than torch.exp's: measured on the
-    AMD EPYC of 2026-12-07 (2 threads), 128 x 40,135 rows: 2.5 ms against 5.0 for amax, sub, exp,
-    sum and div as separate passes. Its relative error, about 1e-5 against float64, is beside
-    fp32's sums. Every row is its own: no row's result depends on the others, or on how many
-    there are."""
-    row_max = torch.amax(x, dim=1, keepdim=True, out=row_max)
+def softmax_lse_(x: torch.Tensor) -> torch.Tensor:
+    """Each row of x (fp32) turned into its softmax, in place; returns the rows' log-sum-exp
+    (R, 1), from the row's max and its largest probability, exp(0) / sum(exp(x - max)), which is
+    at least 1 / columns and so never underflows, as the target's can. ATen's softmax kernel takes
+    one pass for the max and one fused pass for the exponentials, their sum and the division,
+    with a faster exp than torch.exp's: measured on the AMD EPYC of 2026-12-07 (2 threads), 128 x
+    40,135 rows: 2.5 ms against 5.0 for amax, sub, exp, sum and div as separate passes. Its
+    relative error, about 1e-5 against float64, is beside fp32's sums. Every row is its own: no
+    row's result depends on the others, or on how many there are."""
+    row_max = torch.amax(x, dim=1, keepdim=True)
     if x.device.type == "cpu":  # in place (checked equal to out-of-place on this kernel)
         torch.ops.aten._softmax.out(x, 1, False, out=x)
     else:
         x.copy_(torch.softmax(x, dim=1))
-    return row_max, torch.amax(x, dim=1, keepdim=True, out=peak)
-
-
-def softmax_lse_(x: torch.Tensor) -> torch.Tensor:
-    """softmax_(x), returning the rows' log-sum-exp (R, 1): from the largest probability,
-    which is at least 1 / columns and so never underflows, as the target's can."""
-    row_max, peak = softmax_(x)
-    return row_max - peak.log()
+    return row_max - torch.amax(x, dim=1, keepdim=True).log()
 
 
 def _last_chunk_pad(n: int, chunk: int, dtypes: Dtypes) -> int:
@@ -265,7 +257,10 @@ def lse_(x: torch.Tensor, out: torch.Tensor, col: int = 0) -> torch.Tensor:
     of |x[:, col] - lse|, least where column col holds a large logit (ref_columns), and x[:, col]
     must be finite. Two passes fewer than softmax_lse_ (its two maxes), and the kernel itself is
     faster: on the AMD EPYC of 2026-12-07 (2 threads, 1,024 x 2,048) 0.54 ms against softmax's
-    0.59, and each max 0.05."""
+    0.59, and each max 0.05. x must be contiguous (the kernel in place assumes it); out may be a
+    strided view."""
+    if not x.is_contiguous():
+        raise ValueError("lse_: x must be contiguous (a buffer of its own, not a column slice)")
     out.copy_(x[:, col])
     if x.device.type == "cpu":
         torch.ops.aten._log_softmax.out(x, 1, False, out=x)
@@ -276,8 +271,11 @@ def lse_(x: torch.Tensor, out: torch.Tensor, col: int = 0) -> torch.Tensor:
 
 def ref_columns(bias: torch.Tensor, width: int) -> list[int]:
     """For lse_: per block of `width` columns, the column of its largest bias, a logit near the
-    block's top, so that lse_'s subtraction loses the least."""
-    return [int(bias[c0 : c0 + width].argmax()) for c0 in range(0, len(bias), width)]
+    block's top, so that lse_'s subtraction loses the least (one argmax and one device sync)."""
+    blocks = -(-len(bias) // width)
+    padded = torch.full((blocks * width,), float("-inf"), dtype=bias.dtype, device=bias.device)
+    padded[: len(bias)] = bias
+    return padded.view(blocks, width).argmax(dim=1).tolist()
 
 
 def _fold_bias_split(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -296,8 +294,9 @@ def _fold_bias_split(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if extra:
         w[:, k].copy_(bias)
         h_in[:, k:] = 1.0
-    if extra == 2:
-        w[:, k + 1].copy_(bias.float() - w[:, k].float())
+    if extra == 2:  # (0 where the bias is not finite: -inf - -inf would be nan)
+        rest = bias.float() - w[:, k].float()
+        w[:, k + 1].copy_(torch.where(torch.isfinite(bias), rest, 0.0))
     return w, h_in
 
 

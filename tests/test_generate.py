@@ -185,8 +185,9 @@ def test_plain_sampling_without_full_logits_draws_what_the_full_logits_give(arch
     full.fused = False
     assert fused.fused
     rng = np.random.default_rng(1)
-    prompts = [rng.integers(4, len(BIG), size=int(rng.integers(0, 6))).tolist() for _ in range(150)]
-    u = row_uniforms([row_key(9, i) for i in range(150)], 8)  # 150 rows: two blocks of 128
+    prompts = [rng.integers(4, len(BIG), size=int(rng.integers(0, 6))).tolist() for _ in range(300)]
+    # 300 rows: three int8 matmuls of 128, two blocks of the fused pass's 256 (MASS_ROWS)
+    u = row_uniforms([row_key(9, i) for i in range(300)], 8)
     got = [c.token_ids for c in fused.generate(prompts, u)]
     assert got == [c.token_ids for c in full.generate(prompts, u)]
 

@@ -123,8 +123,8 @@ def test_the_chunked_loss_matches_plain_cross_entropy_in_value_and_gradients():
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
 def test_the_forward_only_loss_over_column_blocks_matches_plain_cross_entropy(with_bias):
-    """Eval's loss (no gradients): the logits COLS columns at a time with a running max and sum
-    give plain cross-entropy's value, over several blocks and a short last one, in fp32 and,
+    """Eval's loss (no gradients): the logits COLS columns at a time, each block's log-sum-exp
+    then combined, give plain cross-entropy's value, over several blocks and a short last one, in fp32 and,
     to bf16's rounding of the logits, under bf16 autocast, as the training forward does."""
     from lmcore.loss import COLS, linear_cross_entropy
 
@@ -166,6 +166,21 @@ def test_eval_loss_is_float64s_to_float32_rounding_however_wide_the_logits(sprea
         with torch.no_grad():
             got = linear_cross_entropy(h, w, b, t, 64)
         assert got.item() == pytest.approx(want.item(), rel=5e-7)
+
+
+def test_a_word_whose_bias_is_minus_infinity_is_no_nan_in_a_bf16_eval():
+    """The bias rides in a bf16 matmul as its rounding and what that left (lmcore/loss.py
+    _fold_bias_split); a word at -inf has nothing left, not -inf - -inf."""
+    from lmcore.loss import linear_cross_entropy
+
+    torch.manual_seed(4)
+    h, w, b = torch.randn(40, 16), torch.randn(3000, 16), torch.randn(3000)
+    b[10] = float("-inf")
+    t = torch.randint(11, 3000, (40,))
+    want = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b), t, reduction="sum")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(h, w, b, t, 8)
+    assert got.item() == pytest.approx(want.item(), rel=1e-3)
 
 
 def test_the_fused_loss_without_bias_and_under_bf16_autocast_matches_the_plain_one():
