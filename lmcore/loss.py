@@ -105,8 +105,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         k = h.shape[1]
         # (a low-precision forward or weight gradient keeps the bias, and its gradient, in fp32)
         fold = (bias is not None and dtypes[0] is None and dtypes[2] is None
-                and h.dtype == weight.dtype == bias.dtype)
-        w, h_in = _fold_bias(h, weight, bias, fold)
+                and h.dtype == weight.dtype == bias.dtype == F32)
+        w, h_in = _fold_bias(h, weight, bias, F32) if fold else (weight, h)
         n, pad = h.shape[0], _last_chunk_pad(h.shape[0], chunk, dtypes)
         if pad:  # zero rows, left out of the loss and of every gradient below
             h_in = torch.cat([h_in, h_in.new_zeros(pad, h_in.shape[1])])
@@ -199,17 +199,6 @@ def _to_f32(raw: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> 
         out += bias
 
 
-def _fold_bias(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fold: bool
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The bias as one more input column: h gets a column of ones, the weight the bias. The matmul
-    then adds it (addmm would first copy it into every row of the logits, one more pass over
-    them), and the weight-gradient matmul yields the bias gradient as its last column. Measured:
-    14% off the forward matmul of a 128-row chunk."""
-    if not fold:
-        return weight, h
-    return torch.cat([weight, bias.unsqueeze(1)], dim=1), torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
-
-
 def forward_only(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                  chunk: int, dtype: torch.dtype | None) -> torch.Tensor:
     """The summed cross-entropy without gradients (eval, validation): per chunk of rows, the
@@ -220,9 +209,9 @@ def forward_only(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     on the AMX VM (2 threads, 64 x 256 positions of the notebook's model, median of 6,
     2026-12-02): fp32 7,269 -> 8,279 tokens/s and bf16 12,484 -> 15,228 against the training
     path (128-row chunks of all 40,135 columns); 128-row chunks in blocks were slower (6,228 and
-    8,389). dtype: the matmul's precision (None: fp32); the bias rides in it (_fold_bias_split),
+    8,389). dtype: the matmul's precision (None: fp32); the bias rides in it (_fold_bias),
     and the logits, exponentials and sums are fp32."""
-    w, h_in = _fold_bias_split(h, weight, bias, dtype)
+    w, h_in = _fold_bias(h, weight, bias, dtype)
     vocab, rows_max = w.shape[0], min(chunk, h.shape[0])
     refs = [0] * -(-vocab // COLS) if bias is None else ref_columns(bias, COLS)
     if len(targets) and not 0 <= int(targets.min()) <= int(targets.max()) < vocab:  # as gather would say
@@ -278,13 +267,16 @@ def ref_columns(bias: torch.Tensor, width: int) -> list[int]:
     return padded.view(blocks, width).argmax(dim=1).tolist()
 
 
-def _fold_bias_split(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight, h) in the matmul's dtype (None: fp32) with the bias folded in as _fold_bias does,
-    each written in one pass. In bf16 or fp16 the bias rides as two columns, its rounding and
-    what that rounding left, so that the matmul's fp32 sum sees it to ~16 bits and not 8: the
-    logits then carry only the rounding of the matmul's output, as with the bias added after it
-    (and that pass over the logits is gone: 2.1% of a bf16 eval's time in its profile)."""
+def _fold_bias(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, h) in the matmul's dtype (None: fp32), each written in one pass, with the bias as
+    one more input column: h gets a column of ones, the weight the bias. The matmul then adds it
+    (adding it after the matmul is one more pass over the logits: 2.1% of a bf16 eval's time in its
+    profile; addmm first copies it into every row), and in training the weight-gradient matmul
+    yields the bias gradient as its last column. Measured: 14% off the forward matmul of a 128-row
+    chunk. In bf16 or fp16 the bias rides as two columns, its rounding and what that rounding
+    left, so that the matmul's fp32 sum sees it to ~16 bits and not 8: the logits then carry only
+    the rounding of the matmul's output."""
     d, k = dtype or F32, h.shape[1]
     extra = 0 if bias is None else 1 if d == F32 else 2
     w = torch.empty(weight.shape[0], k + extra, dtype=d, device=weight.device)

@@ -93,12 +93,16 @@ def test_a_rows_output_does_not_depend_on_its_batch():
 BIG = WordTokenizer([f"w{i}" for i in range(3 * CHUNK + 100)])  # several sampling chunks
 
 
+ADAPTIVE = {"softmax": "adaptive", "adaptive_cutoffs": [500, 3000]}
+
+
 @pytest.mark.parametrize(("arch", "precision"), [
     ({}, "fp32"), pytest.param({}, "bf16", marks=needs_native("bf16")), ({}, "int8"),
     ({"num_layers": 2, "tie_weights": True}, "fp32"),
     ({"num_layers": 2, "tie_weights": True}, "int8"),
-    ({"softmax": "adaptive", "adaptive_cutoffs": [500, 3000]}, "fp32")],
-    ids=["plain", "plain-bf16", "plain-int8", "2-layer-tied-proj", "tied-proj-int8", "adaptive"])
+    (ADAPTIVE, "fp32"), pytest.param(ADAPTIVE, "bf16", marks=needs_native("bf16"))],
+    ids=["plain", "plain-bf16", "plain-int8", "2-layer-tied-proj", "tied-proj-int8", "adaptive",
+         "adaptive-bf16"])
 def test_bit_identical_whatever_the_batching(arch, precision):
     """The same rows alone, in batches of 5 and all 20 at once, shuffled: the same tokens,
     bit for bit (matmuls of 1 row would take another kernel: the decoder pads to 16)."""

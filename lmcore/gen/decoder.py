@@ -99,7 +99,6 @@ class Decoder:
         self.tok = tok
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.int8 = precision == "int8"
-        self.fused = False
         self._raw: torch.Tensor | None = None  # fused: the output matmul's own result (int32, bf16)
         self.mm_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self.fixed_rows = fixed_rows
@@ -122,41 +121,50 @@ class Decoder:
             self.fold = not params.greedy and params.temperature != 1.0  # divide by the temperature
             self.banned = [tok.unk_id, tok.pad_id, tok.bos_id]  # never emitted
             self.adaptive = model.adaptive
-            if self.adaptive is not None:  # adaptive softmax: its exact log-probabilities
-                self.vocab = model.vocab_size
-                self.width, n = chunk_layout(self.vocab)
-                pattern = torch.zeros(n * self.width)  # where the log-probabilities are -inf
-                pattern[self.banned] = float("-inf")
-                pattern[self.vocab :] = float("-inf")
-                self.refs = ChunkRefs.of(pattern, self.width)
-                return
-            w = model.head.weight.detach().to(dev, f32).clone()
-            b = model.head.bias.detach().to(dev, f32).clone()
-            b[self.banned] = float("-inf")
-            if self.fold:  # into the output layer
-                w /= params.temperature
-                b /= params.temperature
-            vocab = w.shape[0]
-            self.width, n = chunk_layout(vocab)
-            extra = n * self.width - vocab  # padding columns: weight 0, bias -inf
-            if extra:
-                w = torch.cat([w, w.new_zeros(extra, w.shape[1])])
-                b = torch.cat([b, b.new_full((extra,), float("-inf"))])
-            self.head_w = w.to(self.mm_dtype)
-            self.head_b = b  # added in float32
-            self.refs = ChunkRefs.of(b, self.width)
-            if self.int8:
-                scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127  # per vocabulary row
-                self.head_q = torch.round(w / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
-                # a feature quantized as round(h * 127) (|h| < 1 when h is the LSTM's output)
-                self.head_mult = scale / 127
-                self.head_w = None
+            self._layout_output(model)
         p = params
-        # bf16 or int8, plain sampling: the float logits never exist in full (see _fused_sample)
-        self.fused = ((self.int8 and self.proj is None or self.mm_dtype == torch.bfloat16)
-                      and not p.greedy and not p.top_k and p.top_p >= 1.0)
+        # full softmax in bf16 or int8, plain sampling: the float logits never exist in full
+        # (see _fused_sample)
+        low = self.int8 and self.proj is None or self.mm_dtype == torch.bfloat16
+        self.fused = (self.adaptive is None and low and not p.greedy and not p.top_k and p.top_p >= 1.0)
 
     # -- pieces -------------------------------------------------------------------------------
+    def _layout_output(self, model: LSTMLM) -> None:
+        """The output layer in sampling's chunks (self.width words each): for the full softmax
+        its weight (divided by the temperature where that is folded in; int8: quantized per
+        vocabulary row) and its bias, with banned words and padding columns at -inf; and each
+        chunk's reference column (ChunkRefs)."""
+        dev, f32 = self.device, torch.float32
+        if self.adaptive is not None:  # adaptive softmax: its exact log-probabilities
+            self.vocab = model.vocab_size
+            self.width, n = chunk_layout(self.vocab)
+            pattern = torch.zeros(n * self.width)  # where the log-probabilities are -inf
+            pattern[self.banned] = float("-inf")
+            pattern[self.vocab :] = float("-inf")
+            self.refs = ChunkRefs.of(pattern, self.width)
+            return
+        w = model.head.weight.detach().to(dev, f32).clone()
+        b = model.head.bias.detach().to(dev, f32).clone()
+        b[self.banned] = float("-inf")
+        if self.fold:  # into the output layer
+            w /= self.params.temperature
+            b /= self.params.temperature
+        vocab = w.shape[0]
+        self.width, n = chunk_layout(vocab)
+        extra = n * self.width - vocab  # padding columns: weight 0, bias -inf
+        if extra:
+            w = torch.cat([w, w.new_zeros(extra, w.shape[1])])
+            b = torch.cat([b, b.new_full((extra,), float("-inf"))])
+        self.head_w = w.to(self.mm_dtype)
+        self.head_b = b  # added in float32
+        self.refs = ChunkRefs.of(b, self.width)
+        if self.int8:
+            scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127  # per vocabulary row
+            self.head_q = torch.round(w / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+            # a feature quantized as round(h * 127) (|h| < 1 when h is the LSTM's output)
+            self.head_mult = scale / 127
+            self.head_w = None
+
     def _rows(self, m: int) -> int:
         return max(m, self.fixed_rows or MIN_ROWS)
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from lmcore.loss import lse_
+from lmcore.loss import lse_, ref_columns
 
 CHUNK = 2048  # vocabulary columns per chunk of the sampling pass (in cache while used)
 TOP_P_CANDIDATES = (64, 1024)  # nucleus search: these many top tokens first, then a full sort
@@ -131,11 +131,8 @@ class ChunkRefs:
     def of(cls, row: torch.Tensor, width: int) -> ChunkRefs:
         """From a row whose -inf entries are those of every row of logits (the output layer's
         bias, with banned words and padding at -inf): per chunk the column of its largest value."""
-        cols = []
-        for c0 in range(0, len(row), width):
-            part = row[c0 : c0 + width]
-            cols.append(int(part.argmax()) if bool((part > float("-inf")).any()) else None)
-        return cls(tuple(cols))
+        cols = ref_columns(row, width)
+        return cls(tuple(c if bool(row[i * width + c] > float("-inf")) else None for i, c in enumerate(cols)))
 
 
 def chunk_lse(logits: torch.Tensor, width: int, refs: ChunkRefs) -> torch.Tensor:
