@@ -243,9 +243,17 @@ def test_pipeline_train_eval_generation_array_merge_equals_one_process(slurm, su
 
 
 def _stderr_tails(jobs: list[dict]) -> str:
-    """Each submitted job's stderr, its last lines: what a failed stage said."""
+    """Each submitted job's stderr, its last lines: what a failed stage said; and what SLURM says of
+    each job and array task (state, reason, exit code), for a task that never started and so wrote
+    nothing (the generation array once, in session 12's CI: merge CANCELLED, tasks 1-2 without logs)."""
     out = []
     for j in jobs:
+        shown = subprocess.run(["scontrol", "-o", "show", "job", j["job_id"]], capture_output=True, text=True,
+                               timeout=20).stdout
+        for line in shown.splitlines():
+            words = [w for w in line.split() if w.split("=", 1)[0] in
+                     ("JobId", "ArrayTaskId", "JobState", "Reason", "ExitCode", "Dependency", "NodeList")]
+            out.append(f"== {j['kind']}: {' '.join(words)}")
         for path in sorted(Path(j["stderr"]).parent.glob(f"{j['job_id']}_*.err")):  # every rank and task
             out.append(f"== {j['kind']}: {path.name}\n{path.read_text(errors='replace')[-1500:]}")
     return "\n".join(out)
