@@ -58,7 +58,7 @@ def train(cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
     """Train (or resume) the run in cfg.run.dir. Everything that can be checked is checked
     before the run folder is claimed (its lock taken), so bad input writes nothing."""
     RunDir(cfg.run.dir).check_kinds()
-    acc = make_accelerator(cfg)
+    acc = make_accelerator(cfg, for_training=True)
     with acc.main_process_first():  # rank 0 builds the token caches, the others then read them
         corpus = load_corpus(cfg.data)
     if cfg.model.softmax == "adaptive":
