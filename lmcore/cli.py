@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from collections.abc import Sequence
 
 from lmcore import __version__
-from lmcore.errors import LmcoreError, PeerLostError
+from lmcore.errors import LmcoreError
 from lmcore.overrides import OverrideSyntaxError, add_point_arguments, normalize, unknown_argument
+from lmcore.runtime.leave import leave, multi_rank
 
 # Each command imports what it needs when it runs, so that `lmcore --help`, completion and
 # bad-argument errors take a few tens of milliseconds (yaml alone is ~15 ms, torch ~1.5 s).
@@ -316,16 +316,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     except LmcoreError as e:
         print(f"lmcore: error: {e}", file=sys.stderr)
         code = 2
-        if isinstance(e, PeerLostError):
-            # gloo's threads still wait on the gone rank: the interpreter's teardown destroys them
-            # and C++ aborts the process (exit -6 for 2, a clean-clone CI of 2026-12-06). What
-            # matters is written; leave without the teardown.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
     except KeyboardInterrupt:
         print("lmcore: interrupted", file=sys.stderr)
         code = 130
+    if multi_rank():
+        # gloo's threads would meet the interpreter's teardown and can abort the process (exit
+        # -6 for 2 after a lost peer, a clean-clone CI of 2026-12-06): runtime/leave.py
+        leave(code)
     sys.exit(code)
 
 

@@ -23,7 +23,6 @@ from lmcore.evaluate import run_eval
 from lmcore.gen.folder import MANIFEST_FILE, MERGED_FILE
 from lmcore.gen.job import generate_shard
 from lmcore.gen.merge import merge_outputs
-from lmcore.runtime.accelerator import release_process_group
 from lmcore.runtime.signals import STOPPED_EXIT
 from lmcore.trainer import train
 
@@ -43,12 +42,6 @@ class Outcome:
 
 def run_job(kind: str, cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
             progress: bool = True) -> Outcome:
-    outcome = _run(kind, cfg, stop_requested, progress)
-    release_process_group()  # so that the process exits cleanly (runtime/accelerator.py says why)
-    return outcome
-
-
-def _run(kind: str, cfg: Config, stop_requested: Callable[[], bool], progress: bool) -> Outcome:
     if kind == "train":
         r = train(cfg, stop_requested, progress)
         return Outcome(r.to_dict(), r.stopped_early, reports=r.rank == 0)

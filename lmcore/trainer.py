@@ -58,7 +58,7 @@ def train(cfg: Config, stop_requested: Callable[[], bool] = lambda: False,
     """Train (or resume) the run in cfg.run.dir. Everything that can be checked is checked
     before the run folder is claimed (its lock taken), so bad input writes nothing."""
     RunDir(cfg.run.dir).check_kinds()
-    acc = make_accelerator(cfg, for_training=True)
+    acc = make_accelerator(cfg)
     with acc.main_process_first():  # rank 0 builds the token caches, the others then read them
         corpus = load_corpus(cfg.data)
     if cfg.model.softmax == "adaptive":
@@ -290,8 +290,7 @@ class Trainer:
         if self.main:
             path = path or self.run.step_dir(s.step)
         self.acc.wait_for_everyone()
-        self.tracker.finish()
-        self.acc.end_training()
+        self.tracker.finish()  # the process group stays: a rank ends as runtime/leave.py says
         best = {"step": s.best_step, "val_ppl": s.best_val} if s.best_step >= 0 else None
         if best and self.cfg.train.keep_best:
             best["checkpoint"] = str(self.run.step_dir(s.best_step))

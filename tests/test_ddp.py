@@ -54,22 +54,6 @@ def test_a_cosine_over_the_time_budget_follows_rank_zeros_clock_on_every_rank(tm
     assert ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
 
 
-def test_a_two_rank_job_of_each_kind_ends_with_no_gloo_thread_left_to_abort_its_exit(tmp_path: Path):
-    """A gloo thread alive while the interpreter exits can abort a rank that finished its work
-    (SIGABRT), and srun then marks the whole job FAILED: every job frees its process group first."""
-    probe, run = tmp_path / "probe", tmp_path / "run"
-    probe.mkdir()
-    off = "tracking.wandb_mode=disabled"
-    torchrun("tests/exit_probe.py", str(probe), "train", *SMALL, off, f"run.dir={run}")
-    torchrun("tests/exit_probe.py", str(probe), "eval", "data.source=sample", off, f"run.dir={run}")
-    torchrun("tests/exit_probe.py", str(probe), "generate", off, f"run.dir={run}", "generate.num_samples=4",
-             "generate.max_new_tokens=3", f"generate.output_dir={tmp_path / 'gen'}")
-    for kind in ("train", "eval", "generate"):
-        for rank in (0, 1):
-            threads = json.loads((probe / f"{kind}{rank}.json").read_text())["threads"]
-            assert threads and not [t for t in threads if "gloo" in t], (kind, rank, threads)
-
-
 def test_two_rank_eval_equals_one_process_eval(tmp_path: Path):
     run = tmp_path / "run"
     proc = run_cli("train", *SMALL, "train.batch_size=16", f"run.dir={run}", "--no-progress")

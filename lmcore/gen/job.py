@@ -252,7 +252,6 @@ class ShardJob:
         acc, n = self.acc, self.counts
         rows, new_tokens, chunks, secs = all_sum(acc, [n.rows, n.new_tokens, n.chunks, n.seconds])
         present = done_chunks(self.out)
-        acc.end_training()  # frees the process group: a rank may exit while rank 0 still merges
         shard_left = [c for c in shard_chunks if c not in present]
         result = {
             "output_dir": str(self.out), "shard": self.shard, "num_shards": self.nshards,

@@ -5,6 +5,7 @@ precision of its hot matmuls.
                  broadcast_object
     signals      StopFlag: TERM/USR2 become "checkpoint, then exit with STOPPED_EXIT (3)"
     lock         RunLock: one job per run folder (or generation shard), refused clearly
+    leave        how a rank of a multi-rank job ends: at once, without the interpreter's teardown
     precision    train.loss_precision: the fused loss's matmuls, measured per machine (auto)
 """
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import datetime
-import gc
-import importlib
 import os
 import re
 import socket
@@ -36,11 +34,10 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def make_accelerator(cfg: Config, for_training: bool = False):
+def make_accelerator(cfg: Config):
     """One Accelerator for CPU, one GPU or DDP, as the launcher (torchrun, accelerate
     launch, srun) set up the environment. On a machine without CUDA it must be told cpu=True,
-    or a 2-process CPU launch silently runs two unconnected copies. for_training: the job will
-    make an optimizer (see release_process_group)."""
+    or a 2-process CPU launch silently runs two unconnected copies."""
     os.environ.setdefault("ACCELERATE_DISABLE_RICH", "1")  # read when accelerate is imported, just below
     require("accelerate")
     from accelerate import Accelerator
@@ -51,8 +48,6 @@ def make_accelerator(cfg: Config, for_training: bool = False):
         # Accelerate keeps its settings process-wide; a single process may run several jobs
         # with different precisions (tests, notebooks, pipelines), so start each one fresh.
         AcceleratorState._reset_state(reset_partial_state=True)
-    elif for_training:
-        importlib.import_module("torch._dynamo")  # before the group: see release_process_group
 
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -62,30 +57,6 @@ def make_accelerator(cfg: Config, for_training: bool = False):
     group = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.run.collective_timeout_s))
     return Accelerator(cpu=not torch.cuda.is_available(),
                        mixed_precision=autocast_of(cfg.train.mixed_precision), kwargs_handlers=[group])
-
-
-def release_process_group() -> None:
-    """The end of a job in a multi-rank process: its gloo group freed and the group's threads
-    joined while the interpreter is still whole.
-
-    Left to the interpreter's exit, a gloo thread that drops the tensors of the last collective
-    after finalization began is stopped by CPython in the middle of C++: "terminate called without
-    an active exception", SIGABRT. Under srun --kill-on-bad-exit that also ends the other ranks and
-    marks a finished job FAILED in SLURM's accounting, so jobs waiting on it (afterok) never start.
-    Measured on this 2-core VM (torch 2.13, 2 gloo ranks, a few collectives): 11 of 30 runs aborted at
-    exit without destroy_process_group, 0 of 30 with it. On the local cluster, 2 of 112 two-rank
-    eval jobs ended FAILED before this (two busy loops beside them).
-
-    destroy_process_group frees the group only if nothing else holds it: a DDP wrapper in a
-    reference cycle (hence the collection first), and torch._dynamo when imported after the group
-    was made, as the first optimizer does: the group's threads then stay. So a training process
-    imports it before (make_accelerator(for_training=True)): no extra time, the optimizer would
-    import it anyway (1.1 s); eval and generation do not import it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    gc.collect()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def autocast_of(setting: str) -> str:

@@ -44,6 +44,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributed
 
 from lmcore.config import config_from_dict
 from lmcore.errors import LmcoreError
+from lmcore.runtime.leave import leave_when_written, multi_rank
 from lmcore.runtime.signals import STOPPED_EXIT
 from lmcore.slurm import JobFailedError
 from lmcore.slurm.env import master_port, resolve_master, threads_from_slurm
@@ -149,6 +150,8 @@ class LmcoreJob(Checkpointable):
         if isinstance(result, dict):  # where this rank ran, for whoever reads the job's results
             result = {**result, "restarts": restarts, "host": socket.gethostname(),
                       "master_addr": os.environ.get("MASTER_ADDR", ""), "slurm_rank": rank}
+        if multi_rank():  # once submitit has written the result (runtime/leave.py says why)
+            leave_when_written(env.paths.result_pickle)
         return result
 
     def _wait_to_be_ended(self, run_dir: str) -> None:
