@@ -59,9 +59,13 @@ def nodes_of(job_id: str) -> list[str]:
 
 
 def _nodelist(job_id: str) -> str:
-    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "--format=NodeList"], capture_output=True,
-                         text=True, timeout=30).stdout
-    return out.strip().splitlines()[0]
+    """From slurmctld, which knows at once: slurmdbd records a job a moment later, and a job of a
+    few seconds once showed sacct its batch step's node alone (a CI run of 2026-12-07)."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
+                         timeout=30).stdout
+    found = re.findall(r"(?:^|\s)NodeList=(\S+)", out)
+    assert found, f"scontrol knows no nodes of job {job_id}: {out!r}"
+    return found[0]
 
 
 def test_two_nodes_one_task_each_equal_one_node_two_tasks(slurm, submitted, tmp_path):
