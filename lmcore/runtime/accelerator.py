@@ -13,6 +13,7 @@ import torch
 from lmcore.config import Config
 from lmcore.deps import require
 from lmcore.errors import PeerLostError, first_line
+from lmcore.runtime.leave import multi_rank
 from lmcore.runtime.precision import auto_precision, require_supported
 from lmcore.slurm.env import nodes_down
 
@@ -44,7 +45,7 @@ def make_accelerator(cfg: Config):
     from accelerate.state import AcceleratorState
     from accelerate.utils import InitProcessGroupKwargs
 
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if not multi_rank():
         # Accelerate keeps its settings process-wide; a single process may run several jobs
         # with different precisions (tests, notebooks, pipelines), so start each one fresh.
         AcceleratorState._reset_state(reset_partial_state=True)

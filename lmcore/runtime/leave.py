@@ -1,14 +1,15 @@
 """How a rank of a multi-rank job ends: at once, once what it writes is written, without the
 interpreter's teardown.
 
-A gloo process group outlives the work: torch keeps it alive after destroy_process_group once
-torch._dynamo is imported (the first optimizer does), and its threads then meet the interpreter's
-teardown. A thread that drops the tensors of the last collective after finalization began needs
-the GIL, CPython ends it in the middle of C++, and the process aborts ("terminate called without
-an active exception", SIGABRT). srun (--kill-on-bad-exit=1, as lmcore submits) then kills the
-other ranks, and SLURM marks a job whose results are written FAILED: the jobs that wait on it
-(afterok) never start. Measured on a 2-core VM, torch 2.13, a bare 2-rank gloo script: 11 and 7
-of 30 runs aborted at exit (two tries); 0 of 30 when leaving this way.
+A gloo process group outlives the work (lmcore does not destroy it, see below; torch keeps it
+alive past destroy_process_group anyway once torch._dynamo is imported after it, as the first
+optimizer does), and its threads then meet the interpreter's teardown. A thread that drops the
+tensors of the last collective after finalization began needs the GIL, CPython ends it in the
+middle of C++, and the process aborts ("terminate called without an active exception", SIGABRT).
+srun (--kill-on-bad-exit=1, as lmcore submits) then kills the other ranks, and SLURM marks a job
+whose results are written FAILED: the jobs that wait on it (afterok) never start. Measured on a
+2-core VM, torch 2.13, a bare 2-rank gloo script: 11 and 7 of 30 runs aborted at exit (two
+tries); 0 of 30 when leaving this way.
 
 Destroying the group first is no cure: its destructor joins those threads while holding the
 GIL, and one that waits for the GIL to drop a tensor deadlocks it (seen in CI, a 2-rank training

@@ -44,7 +44,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributed
 
 from lmcore.config import config_from_dict
 from lmcore.errors import LmcoreError
-from lmcore.runtime.leave import leave_when_written, multi_rank
+from lmcore.runtime.leave import leave, leave_when_written, multi_rank
 from lmcore.runtime.signals import STOPPED_EXIT
 from lmcore.slurm import JobFailedError
 from lmcore.slurm.env import master_port, resolve_master, threads_from_slurm
@@ -143,9 +143,7 @@ class LmcoreJob(Checkpointable):
             reason = self._stop.reason or "a stop request on another rank"
             _log(f"stopped ({reason}) with a checkpoint in {cfg.run.dir}; exiting with status "
                  f"{STOPPED_EXIT} and no result: resubmit (or let SLURM requeue) to resume")
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(STOPPED_EXIT)
+            leave(STOPPED_EXIT)
         result = self._outcome["outcome"].result
         if isinstance(result, dict):  # where this rank ran, for whoever reads the job's results
             result = {**result, "restarts": restarts, "host": socket.gethostname(),
